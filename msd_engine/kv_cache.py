@@ -1,0 +1,68 @@
+"""The static KV cache: one arena allocated at load, per-layer views, slots addressed by position.
+
+Nothing here allocates per step. A step writes its T new entries into slots
+[start, start + T) and attends to slots [0, start + T); the caller guarantees the bound,
+and `check_fits` turns a would-be overflow into a clear error before any write.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+class CacheCapacityError(ValueError):
+    """A request or step needs more cache slots than the arena has."""
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        if max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+        self.max_seq_len = max_seq_len
+        # [2 (k, v), layers, Hkv, S, D]: one allocation; per-layer views below.
+        self.arena = torch.zeros(2, num_layers, num_kv_heads, max_seq_len, head_dim, dtype=dtype, device=device)
+        self.keys = list(self.arena[0].unbind(0))    # each [Hkv, S, D]
+        self.values = list(self.arena[1].unbind(0))
+        self.length = 0  # slots [0, length) hold the committed sequence
+
+    @property
+    def nbytes(self) -> int:
+        return self.arena.numel() * self.arena.element_size()
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[index], self.values[index]
+
+    def check_fits(self, new_tokens: int) -> None:
+        if self.length + new_tokens > self.max_seq_len:
+            raise CacheCapacityError(
+                f"KV cache full: {self.length} slots used + {new_tokens} new > max_seq_len {self.max_seq_len}")
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def advance(self, new_tokens: int) -> None:
+        self.check_fits(new_tokens)
+        self.length += new_tokens
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What every layer of one forward step needs, built once per step (plan), used by all (run).
+
+    positions: [T] RoPE positions of the new tokens. start: first cache slot written.
+    mask: [T, T] bool visibility among the new tokens (None = all visible, i.e. T == 1).
+    cos/sin: [T, D] rotary tables gathered at `positions`.
+    """
+
+    positions: torch.Tensor
+    start: int
+    mask: Optional[torch.Tensor]
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])

@@ -1,0 +1,90 @@
+"""The Llama language model (RMSNorm, RoPE, SwiGLU, MHA or GQA) over the static KV cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from msd_engine.config import TextConfig
+from msd_engine.kv_cache import KVCache, StepState
+from msd_engine.ops import TorchOps
+
+
+def rotary_tables(config: TextConfig, max_seq_len: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [S, D] for every position, computed in float32 as transformers does, then cast."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    positions = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]  # [S, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype=dtype, device=device), emb.sin().to(dtype=dtype, device=device)
+
+
+@dataclass
+class LlamaLayer:
+    input_norm: torch.Tensor
+    qkv_proj: torch.Tensor      # [(Hq + 2 Hkv) * D, H]: q, k, v fused so a step reads them in one GEMV
+    o_proj: torch.Tensor
+    post_attention_norm: torch.Tensor
+    gate_up_proj: torch.Tensor  # [2F, H]: gate rows then up rows
+    down_proj: torch.Tensor
+
+
+class LlamaModel:
+    def __init__(self, config: TextConfig, weights: dict[str, torch.Tensor], ops: TorchOps,
+                 max_seq_len: int):
+        self.config = config
+        self.ops = ops
+        self.embed_tokens = weights["text.embed_tokens.weight"]  # [V, H]
+        self.norm = weights["text.norm.weight"]
+        self.lm_head = self.embed_tokens if config.tie_word_embeddings else weights["text.lm_head.weight"]
+        self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
+        self.cos, self.sin = rotary_tables(config, max_seq_len, self.embed_tokens.dtype, self.embed_tokens.device)
+
+    @staticmethod
+    def _layer(weights: dict[str, torch.Tensor], i: int) -> LlamaLayer:
+        p = f"text.layers.{i}."
+        qkv = torch.cat([weights[p + f"attn.{n}_proj.weight"] for n in ("q", "k", "v")])
+        gate_up = torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]])
+        return LlamaLayer(weights[p + "input_norm.weight"], qkv, weights[p + "attn.o_proj.weight"],
+                          weights[p + "post_attention_norm.weight"], gate_up, weights[p + "mlp.down_proj.weight"])
+
+    # ---- plan --------------------------------------------------------------------------------
+    def plan_step(self, positions: torch.Tensor, start: int, mask: Optional[torch.Tensor]) -> StepState:
+        return StepState(positions=positions, start=start, mask=mask,
+                         cos=self.cos[positions], sin=self.sin[positions])
+
+    # ---- run ---------------------------------------------------------------------------------
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens[token_ids]  # [T, H]
+
+    def forward(self, x: torch.Tensor, step: StepState, cache: KVCache) -> torch.Tensor:
+        """x [T, H] input embeddings -> [T, H] final-normed hidden states; writes T cache slots."""
+        ops, cfg = self.ops, self.config
+        residual = x.clone()  # backends may accumulate into the residual in place; x stays the caller's
+        h = ops.rms_norm(x, self.layers[0].input_norm, cfg.rms_norm_eps)
+        for i, layer in enumerate(self.layers):
+            attn_out = self._attention(h, layer, step, *cache.layer(i))
+            h, residual = ops.add_rms_norm(attn_out, residual, layer.post_attention_norm, cfg.rms_norm_eps)
+            mlp_out = ops.linear(ops.silu_mul(ops.linear(h, layer.gate_up_proj)), layer.down_proj)
+            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            h, residual = ops.add_rms_norm(mlp_out, residual, next_norm, cfg.rms_norm_eps)
+        return h
+
+    def _attention(self, h: torch.Tensor, layer: LlamaLayer, step: StepState,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        ops, cfg = self.ops, self.config
+        t, d = h.shape[0], cfg.head_dim
+        qkv = ops.linear(h, layer.qkv_proj)  # [T, (Hq + 2 Hkv) * D]
+        q, k, v = qkv.view(t, -1, d).split([cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
+        q = ops.rope(q, step.cos, step.sin)
+        k = ops.rope(k, step.cos, step.sin)
+        ops.kv_write(k_cache, v_cache, k, v, step.start)
+        out = ops.cached_attention(q, k_cache, v_cache, step.start, step.mask)  # [T, Hq, D]
+        return ops.linear(out.reshape(t, cfg.num_heads * d), layer.o_proj)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, H] -> [T, V] in float32 (sampling and comparisons are done in float32)."""
+        return self.ops.linear(hidden, self.lm_head).float()

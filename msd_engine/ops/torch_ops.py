@@ -1,0 +1,93 @@
+"""The plain-torch backend: the reference every other backend is held to.
+
+The arithmetic follows transformers' Llama/CLIP code step for step (same dtype casts, same order),
+so float32 logits agree with `LlavaForConditionalGeneration` to rounding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchOps:
+    """Op table over plain torch. Subclasses replace single ops with hand-written kernels."""
+
+    name = "torch"
+
+    # ---- elementwise and normalisation -------------------------------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # Llama RMSNorm: normalise in float32, round to the input dtype, then scale.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(x.dtype)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual + x, and its RMSNorm: returns (normed, new_residual).
+
+        Kernel backends update `residual` in place and return it; callers must own that buffer.
+        """
+        residual = residual + x
+        return self.rms_norm(residual, weight, eps), residual
+
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[..., 2F] (gate | up) -> silu(gate) * up, [..., F]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def gelu(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x)  # exact erf, as LLaVA's projector
+
+    def quick_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    # ---- rotary embedding and cache ----------------------------------------------------------
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D]; cos/sin [T, D] (halves duplicated, transformers' rotate_half layout)."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+    def kv_write(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 start: int) -> None:
+        """Write k/v [T, Hkv, D] into cache slots start..start+T of [Hkv, S, D] views."""
+        t = k.shape[0]
+        k_cache[:, start:start + t].copy_(k.transpose(0, 1))
+        v_cache[:, start:start + t].copy_(v.transpose(0, 1))
+
+    # ---- attention ---------------------------------------------------------------------------
+    def cached_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         prefix_len: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Queries q [T, Hq, D] at cache slots prefix_len..prefix_len+T (already written).
+
+        Keys are the cache slots [0, prefix_len + T): the prefix is fully visible; among the T new
+        entries, `mask` [T, T] (bool, True = visible) decides; None means all visible (T == 1).
+        Returns [T, Hq, D].
+        """
+        t, num_heads, head_dim = q.shape
+        num_kv_heads = k_cache.shape[0]
+        group = num_heads // num_kv_heads
+        keys = k_cache[None, :, :prefix_len + t]  # [1, Hkv, L, D]
+        values = v_cache[None, :, :prefix_len + t]
+        # Fold the query heads of one KV group into the query axis: no K/V repeat needed.
+        q_grouped = q.transpose(0, 1).reshape(1, num_kv_heads, group * t, head_dim)
+        attn_mask = None
+        if mask is not None:
+            full = torch.ones(t, prefix_len + t, dtype=torch.bool, device=q.device)
+            full[:, prefix_len:] = mask
+            attn_mask = full.repeat(group, 1)  # [G*T, L]
+        out = F.scaled_dot_product_attention(q_grouped, keys, values, attn_mask=attn_mask)
+        return out.reshape(num_heads, t, head_dim).transpose(0, 1)
+
+    def dense_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Bidirectional attention without cache (vision tower): [B, N, H, D] -> [B, N, H, D]."""
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)

@@ -1,0 +1,62 @@
+"""Token selection: greedy, temperature and top-p (nucleus), reproducible under a seed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """float32 logits [..., V] -> the distribution that sampling draws from (temperature, top-p).
+
+    Top-p keeps the smallest set of most likely tokens whose mass reaches top_p (the token that
+    crosses the threshold is kept), as transformers' TopPLogitsWarper does.
+    """
+    assert not params.greedy
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+class Sampler:
+    """Picks the next token; owns the generator so a seed reproduces a whole generation."""
+
+    def __init__(self, params: SamplingParams, device: torch.device):
+        self.params = params
+        self.generator: Optional[torch.Generator] = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits [V] (float32) -> token id."""
+        if self.params.greedy:
+            return int(torch.argmax(logits))
+        probs = probabilities(logits, self.params)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
