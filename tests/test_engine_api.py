@@ -159,3 +159,13 @@ def test_corrupt_weights_are_named(tmp_path, tiny_llava_dir):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match="model.safetensors: corrupt or unreadable"):
         Engine.load(broken)
+
+
+def test_triton_backend_gives_the_same_greedy_tokens(tiny_llava_dir, photo):
+    # On a CPU the Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1).
+    ref = no_eos(Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128))
+    tri = no_eos(Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, backend="triton"))
+    assert tri.model.text.ops.name == "triton"
+    a = ref.generate("What is this?", image=photo, max_new_tokens=10)
+    b = tri.generate("What is this?", image=photo, max_new_tokens=10)
+    assert a.token_ids == b.token_ids

@@ -15,7 +15,7 @@ class TritonOps(TorchOps):
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"backend 'triton' needs a CUDA device (got {device}); on a CPU it runs only "
                                "under the Triton interpreter (TRITON_INTERPRET=1, slow, for tests)")
-        from msd_engine.triton_kernels import rms_norm, silu_mul
+        from msd_engine.triton_kernels import rms_norm, silu_mul  # modules, not functions
         self._rms_norm = rms_norm
         self._silu_mul = silu_mul
 

@@ -1,0 +1,73 @@
+// msd_engine._C: the C API as Python functions. Pointers travel as integers (tensor.data_ptr()),
+// dtypes as the ints exported below; a non-OK status raises ValueError (caller's mistake) or
+// RuntimeError (CUDA failure, CUDA not compiled) carrying msd_last_error_message().
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "msd_engine.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void raise_if_failed(msd_status status) {
+    if (status == MSD_OK) return;
+    const std::string message =
+        std::string(msd_status_string(status)) + ": " + msd_last_error_message();
+    if (status == MSD_ERR_INVALID_ARGUMENT || status == MSD_ERR_UNSUPPORTED_DTYPE) {
+        throw py::value_error(message);
+    }
+    throw std::runtime_error(message);
+}
+
+// How each C parameter type is spelled on the Python side.
+template <class T>
+struct PyArg {
+    using type = T;
+    static T from(T v) { return v; }
+};
+template <>
+struct PyArg<const void*> {
+    using type = uintptr_t;
+    static const void* from(uintptr_t p) { return reinterpret_cast<const void*>(p); }
+};
+template <>
+struct PyArg<void*> {
+    using type = uintptr_t;
+    static void* from(uintptr_t p) { return reinterpret_cast<void*>(p); }
+};
+template <>
+struct PyArg<msd_dtype> {
+    using type = int;
+    static msd_dtype from(int d) { return static_cast<msd_dtype>(d); }
+};
+
+// Wraps a C kernel `msd_status fn(Args...)` into a Python-callable that raises on failure.
+template <class... Args>
+auto checked(msd_status (*fn)(Args...)) {
+    return [fn](typename PyArg<Args>::type... args) {
+        raise_if_failed(fn(PyArg<Args>::from(args)...));
+    };
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "msd_engine kernels (csrc/include/msd_engine.h), bound for msd_engine.native";
+    m.attr("FLOAT32") = static_cast<int>(MSD_FLOAT32);
+    m.attr("FLOAT16") = static_cast<int>(MSD_FLOAT16);
+    m.attr("BFLOAT16") = static_cast<int>(MSD_BFLOAT16);
+    const auto nogil = py::call_guard<py::gil_scoped_release>();
+
+    m.def("cuda_compiled", [] { return msd_cuda_compiled() != 0; });
+    m.def("cuda_device_count", &msd_cuda_device_count);
+    m.def("rms_norm_cpu", checked(&msd_rms_norm_cpu), nogil);
+    m.def("rms_norm_cuda", checked(&msd_rms_norm_cuda), nogil);
+    m.def("add_rms_norm_cpu", checked(&msd_add_rms_norm_cpu), nogil);
+    m.def("add_rms_norm_cuda", checked(&msd_add_rms_norm_cuda), nogil);
+    m.def("silu_mul_cpu", checked(&msd_silu_mul_cpu), nogil);
+    m.def("silu_mul_cuda", checked(&msd_silu_mul_cuda), nogil);
+}

@@ -1,0 +1,45 @@
+// Internal to libmsd_kernels: the error slot and the kernel entry points behind the C API.
+// api.cpp checks every argument before calling these, so kernels may assume valid input.
+#pragma once
+
+#include "msd_engine.h"
+
+namespace msd {
+
+// Formats a message into this thread's error slot and returns `status`, so that failures read
+// `return set_error(MSD_ERR_CUDA, "...", ...);`.
+msd_status set_error(msd_status status, const char* format, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+void clear_error();
+
+namespace cpu {
+msd_status rms_norm(const void* x, const void* weight, void* out, int64_t rows, int64_t dim,
+                    int64_t x_row_stride, int64_t out_row_stride, float eps, msd_dtype dtype);
+msd_status add_rms_norm(const void* x, void* residual, const void* weight, void* out,
+                        int64_t rows, int64_t dim, int64_t x_row_stride,
+                        int64_t residual_row_stride, int64_t out_row_stride, float eps,
+                        msd_dtype dtype);
+msd_status silu_mul(const void* gate_up, void* out, int64_t rows, int64_t inter,
+                    int64_t gate_up_row_stride, int64_t out_row_stride, msd_dtype dtype);
+}  // namespace cpu
+
+#if defined(MSD_ENGINE_WITH_CUDA)
+namespace cuda {
+int device_count();
+msd_status rms_norm(const void* x, const void* weight, void* out, int64_t rows, int64_t dim,
+                    int64_t x_row_stride, int64_t out_row_stride, float eps, msd_dtype dtype,
+                    void* stream);
+msd_status add_rms_norm(const void* x, void* residual, const void* weight, void* out,
+                        int64_t rows, int64_t dim, int64_t x_row_stride,
+                        int64_t residual_row_stride, int64_t out_row_stride, float eps,
+                        msd_dtype dtype, void* stream);
+msd_status silu_mul(const void* gate_up, void* out, int64_t rows, int64_t inter,
+                    int64_t gate_up_row_stride, int64_t out_row_stride, msd_dtype dtype,
+                    void* stream);
+}  // namespace cuda
+#endif
+
+}  // namespace msd

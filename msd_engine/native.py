@@ -1,0 +1,181 @@
+"""Torch-tensor wrappers over the C++/CUDA kernels in `msd_engine._C` (csrc/).
+
+Each wrapper checks its tensors (device, dtype, shape, a contiguous last dim, evenly strided
+rows) and names the offending argument, then passes raw pointers, sizes and row strides. Leading
+dims are flattened into rows: `x [..., dim]` must be viewable as `[rows, dim]`. CUDA tensors run
+on the current torch stream of their device.
+
+Semantics (the roundings match `msd_engine.ops.TorchOps`; see csrc/include/msd_engine.h):
+  rms_norm:     weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)
+  add_rms_norm: residual += x in place, then rms_norm(residual)
+  silu_mul:     F.silu(gate) * up for gate_up = [gate | up] along the last dim
+
+`import msd_engine.native` works without the extension; calling a kernel then raises.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+try:
+    from msd_engine import _C
+    _IMPORT_ERROR: Optional[ImportError] = None
+except ImportError as exc:  # not built yet, or built for another Python
+    _C = None
+    _IMPORT_ERROR = exc
+
+
+def is_built() -> bool:
+    """Whether msd_engine._C imported; never raises."""
+    return _C is not None
+
+
+def _lib():
+    if _C is None:
+        raise RuntimeError(
+            f"msd_engine._C is not built: run pip install -e . (import failed: {_IMPORT_ERROR})")
+    return _C
+
+
+def cuda_compiled() -> bool:
+    """Whether _C was built with its CUDA kernels."""
+    return bool(_lib().cuda_compiled())
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA kernels can run: compiled in, and a CUDA device is visible."""
+    return cuda_compiled() and _cuda_device_count() > 0
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_count() -> int:
+    # Asked once: the count cannot change within a process, and launches are latency-bound.
+    return int(_lib().cuda_device_count())
+
+
+def _dtype_code(t: torch.Tensor, name: str) -> int:
+    codes = {torch.float32: _lib().FLOAT32, torch.float16: _lib().FLOAT16,
+             torch.bfloat16: _lib().BFLOAT16}
+    if t.dtype not in codes:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+    return codes[t.dtype]
+
+
+def _as_rows(t: torch.Tensor, name: str, width: int) -> torch.Tensor:
+    """`t [..., width]` as a `[rows, width]` view (no copy), or a ValueError naming `t`."""
+    if width < 1:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; the last dim must be non-empty")
+    if t.dim() == 0 or t.shape[-1] != width:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected last dim {width}")
+    if t.stride(-1) != 1 and width > 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+    try:
+        return t.view(-1, width)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{name} (shape {tuple(t.shape)}, strides {t.stride()}) cannot be viewed as "
+            f"[rows, {width}] with one row stride; pass {name}.contiguous()") from exc
+
+
+def _row_stride(t2: torch.Tensor) -> int:
+    # A single row's stride is meaningless (and may be anything after a transpose).
+    return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
+
+
+def _check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+
+
+def _check_weight(weight: torch.Tensor, x: torch.Tensor) -> None:
+    _check_like(weight, "weight", x, "x")
+    if weight.shape != (x.shape[-1],) or not weight.is_contiguous():
+        raise ValueError(f"weight must be contiguous with shape ({x.shape[-1]},), got shape "
+                         f"{tuple(weight.shape)} strides {weight.stride()}")
+
+
+def _out(out: Optional[torch.Tensor], shape: tuple, ref: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=ref.dtype, device=ref.device)
+    _check_like(out, "out", ref, "the input")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}; expected {tuple(shape)}")
+    return out
+
+
+def _kernel(name: str, device: torch.device):
+    """The `_C` function `name` for `device`, with the stream argument bound for CUDA."""
+    lib = _lib()
+    if device.type == "cpu":
+        return getattr(lib, f"{name}_cpu")
+    if device.type != "cuda":
+        raise ValueError(f"no msd_engine kernel for device {device}; use cpu or cuda tensors")
+    if not lib.cuda_compiled():
+        raise RuntimeError(f"{name} on {device}: msd_engine._C was built without CUDA "
+                           f"(rebuild with nvcc available, or MSD_ENGINE_CUDA=1)")
+    if _cuda_device_count() == 0:
+        raise RuntimeError(f"{name} on {device}: msd_engine._C sees no CUDA device")
+    stream = torch.cuda.current_stream(device).cuda_stream
+    launch = getattr(lib, f"{name}_cuda")
+
+    def run(*args):
+        with torch.cuda.device(device):  # kernels launch on the current device
+            launch(*args, stream)
+    return run
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RMSNorm over the last dim of `x [..., dim]` into `out` (new if None; may be `x`)."""
+    dim = x.shape[-1] if x.dim() > 0 else 0
+    dtype = _dtype_code(x, "x")
+    x2 = _as_rows(x, "x", dim)
+    _check_weight(weight, x)
+    out = _out(out, tuple(x.shape), x)
+    out2 = _as_rows(out, "out", dim)
+    if x2.shape[0] == 0:
+        return out
+    _kernel("rms_norm", x.device)(x2.data_ptr(), weight.data_ptr(), out2.data_ptr(), x2.shape[0],
+                                  dim, _row_stride(x2), _row_stride(out2), float(eps), dtype)
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`residual += x` in place, then returns RMSNorm(residual) in `out` (new if None)."""
+    dim = x.shape[-1] if x.dim() > 0 else 0
+    dtype = _dtype_code(x, "x")
+    _check_like(residual, "residual", x, "x")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}; x has {tuple(x.shape)}")
+    x2, r2 = _as_rows(x, "x", dim), _as_rows(residual, "residual", dim)
+    _check_weight(weight, x)
+    out = _out(out, tuple(x.shape), x)
+    out2 = _as_rows(out, "out", dim)
+    if x2.shape[0] == 0:
+        return out
+    _kernel("add_rms_norm", x.device)(
+        x2.data_ptr(), r2.data_ptr(), weight.data_ptr(), out2.data_ptr(), x2.shape[0], dim,
+        _row_stride(x2), _row_stride(r2), _row_stride(out2), float(eps), dtype)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`gate_up [..., 2F]` (gate | up) -> silu(gate) * up, `[..., F]` (in `out` if given)."""
+    width = gate_up.shape[-1] if gate_up.dim() > 0 else 0
+    if width % 2:
+        raise ValueError(f"gate_up has odd last dim {width}; expected [..., 2 * inter]")
+    inter = width // 2
+    dtype = _dtype_code(gate_up, "gate_up")
+    g2 = _as_rows(gate_up, "gate_up", width)
+    out = _out(out, tuple(gate_up.shape[:-1]) + (inter,), gate_up)
+    out2 = _as_rows(out, "out", inter)
+    if g2.shape[0] == 0:
+        return out
+    _kernel("silu_mul", gate_up.device)(g2.data_ptr(), out2.data_ptr(), g2.shape[0], inter,
+                                        _row_stride(g2), _row_stride(out2), dtype)
+    return out

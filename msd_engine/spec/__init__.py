@@ -1,0 +1,1 @@
+"""Speculative decoding: EAGLE-2 draft trees (tree.py) and their verification (accept.py)."""

@@ -1,0 +1,211 @@
+"""EAGLE-2 dynamic draft tree: frontier expansion, node selection and the tree's plan tensors.
+
+Model-free. The drafting loop calls `root_level` once, then `expand_frontier` `depth` times,
+feeding every level to a `TreeCandidates`; `select_tree` then keeps the root plus the best
+`total_tokens - 1` candidates and builds what verification needs (mask, depths, paths).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TreeParams:
+    """EAGLE-2 tree shape: `top_k` children per frontier node, `depth` expansions after level 0,
+    `total_tokens` tree nodes including the root."""
+
+    top_k: int = 10
+    depth: int = 5
+    total_tokens: int = 60
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "depth", "total_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"TreeParams.{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"TreeParams.{name} must be >= 1, got {value}")
+        if self.total_tokens > self.max_nodes:
+            raise ValueError(
+                f"TreeParams.total_tokens={self.total_tokens} exceeds the {self.max_nodes} nodes that "
+                f"top_k={self.top_k}, depth={self.depth} can draft (1 + top_k + depth * top_k**2)")
+
+    @property
+    def max_nodes(self) -> int:
+        """Root + level 0 (top_k) + depth levels of top_k * top_k candidates each."""
+        return 1 + self.top_k + self.depth * self.top_k * self.top_k
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """A draft tree in plan form. Node 0 is the root (the last sampled token, already emitted);
+    the other nodes follow in creation order, so every parent index is below its child's."""
+
+    tokens: Tensor   # [T] int64
+    parents: Tensor  # [T] int64, -1 for the root
+    depths: Tensor   # [T] int64, root 0; the node's position offset after the prefix
+    mask: Tensor     # [T, T] bool, row i: ancestors of i and i itself
+    paths: Tensor    # [P, max_depth + 1] int64 root-to-leaf node indices, -1 padded on the right
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.shape[0]
+
+    @cached_property
+    def children(self) -> tuple[tuple[int, ...], ...]:
+        """children[i] = node indices whose parent is i, in creation order (host-side lists)."""
+        kids: list[list[int]] = [[] for _ in range(self.num_nodes)]
+        for node, parent in enumerate(self.parents.tolist()[1:], start=1):
+            kids[parent].append(node)
+        return tuple(tuple(k) for k in kids)
+
+
+class TreeCandidates:
+    """Every node drafted this step, level by level, in creation order (candidate ids 0..N-1)."""
+
+    def __init__(self) -> None:
+        self._tokens: list[Tensor] = []
+        self._scores: list[Tensor] = []
+        self._parents: list[Tensor] = []
+        self._starts: list[Tensor] = []  # per candidate: the first candidate id of its level
+        self.num_candidates = 0
+
+    @property
+    def num_levels(self) -> int:
+        return len(self._tokens)
+
+    def add_level(self, tokens: Tensor, scores: Tensor, parents: Tensor) -> int:
+        """Append one level: tokens [n] int64, scores [n] cumulative log-probs, parents [n]
+        (candidate ids from earlier levels, -1 = child of the root). Returns the id of the first
+        added candidate, so the caller can name this level's nodes as parents of the next.
+        Parent ids are checked by `select_tree` (once per step, not once per level)."""
+        n = tokens.shape[0]
+        for name, t in (("tokens", tokens), ("scores", scores), ("parents", parents)):
+            if t.dim() != 1 or t.shape[0] != n:
+                raise ValueError(f"add_level: {name} must have shape [{n}], got {tuple(t.shape)}")
+        if tokens.dtype != torch.int64 or parents.dtype != torch.int64:
+            raise TypeError(f"add_level: tokens/parents must be int64, got {tokens.dtype}/{parents.dtype}")
+        if not scores.is_floating_point():
+            raise TypeError(f"add_level: scores must be floating point, got {scores.dtype}")
+        self._tokens.append(tokens)
+        self._scores.append(scores.float())
+        self._parents.append(parents)
+        first = self.num_candidates
+        self._starts.append(torch.full_like(parents, first))
+        self.num_candidates += n
+        return first
+
+    def check_parents(self) -> None:
+        """ValueError unless every parent id is -1 or names a candidate of an earlier level."""
+        if not self._tokens:
+            return
+        parents, starts = torch.cat(self._parents), torch.cat(self._starts)  # [N]
+        bad = (parents < -1) | (parents >= starts)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"TreeCandidates: candidate {i} has parent {int(parents[i])}, not -1 "
+                             f"and not from an earlier level (its level starts at {int(starts[i])})")
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(tokens [N], scores [N] float32, parents [N]) of all candidates."""
+        if not self._tokens:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return empty, empty.float(), empty
+        return torch.cat(self._tokens), torch.cat(self._scores), torch.cat(self._parents)
+
+
+def root_level(root_logprobs: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Level 0: the draft's log-probs at the last position [V] -> (tokens [k], scores [k])."""
+    if root_logprobs.dim() != 1:
+        raise ValueError(f"root_logprobs must be [V], got {tuple(root_logprobs.shape)}")
+    if not 1 <= top_k <= root_logprobs.shape[0]:
+        raise ValueError(f"top_k must be in [1, V={root_logprobs.shape[0]}], got {top_k}")
+    scores, tokens = torch.topk(root_logprobs, top_k)
+    return tokens, scores.float()
+
+
+def expand_frontier(frontier_scores: Tensor, child_logprobs: Tensor,
+                    top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One EAGLE-2 expansion of n frontier nodes.
+
+    frontier_scores [n] (cumulative log-probs), child_logprobs [n, V] (the draft's log-probs at
+    each frontier node) -> child_tokens [n*k], child_scores [n*k], child_parent_slot [n*k]
+    (which frontier node, 0..n-1), next_frontier_idx [min(k, n*k)] (indices into the n*k
+    children, best first; ties go to the earlier child so the choice is deterministic).
+    """
+    n = frontier_scores.shape[0]
+    if frontier_scores.dim() != 1 or child_logprobs.dim() != 2 or child_logprobs.shape[0] != n:
+        raise ValueError(f"expand_frontier: want frontier_scores [n] and child_logprobs [n, V], got "
+                         f"{tuple(frontier_scores.shape)} and {tuple(child_logprobs.shape)}")
+    if not 1 <= top_k <= child_logprobs.shape[1]:
+        raise ValueError(f"top_k must be in [1, V={child_logprobs.shape[1]}], got {top_k}")
+    logprobs, tokens = torch.topk(child_logprobs, top_k, dim=-1)             # [n, k]
+    scores = frontier_scores.float()[:, None] + logprobs.float()            # [n, k]
+    slot = torch.arange(n, device=tokens.device)[:, None].expand(n, top_k).reshape(-1)  # [n*k]
+    scores = scores.reshape(-1)
+    order = torch.sort(scores, descending=True, stable=True).indices        # [n*k]
+    return tokens.reshape(-1), scores, slot, order[:top_k]
+
+
+def select_tree(root_token: int, candidates: TreeCandidates, total_tokens: int) -> DraftTree:
+    """The root + the best `total_tokens - 1` candidates by score (ties: earlier created first),
+    kept in creation order.
+
+    A child's score is its parent's plus a log-prob <= 0 and a parent is created first, so the
+    stable ranking never keeps a child without its parent.
+    """
+    if total_tokens < 1:
+        raise ValueError(f"total_tokens must be >= 1, got {total_tokens}")
+    candidates.check_parents()
+    tokens, scores, parents = candidates.tensors()                         # [N] each
+    device = tokens.device
+    n_keep = min(total_tokens - 1, candidates.num_candidates)
+    ranked = torch.sort(scores, descending=True, stable=True).indices      # [N]
+    keep = ranked[:n_keep].sort().values                                   # [n] candidate ids
+    tree_index = torch.full((candidates.num_candidates + 1,), -1, dtype=torch.int64, device=device)
+    tree_index[keep] = torch.arange(1, n_keep + 1, device=device)
+    tree_index[-1] = 0                                     # candidate parent -1 -> the root
+    node_parents = tree_index[parents[keep]]                               # [n]
+    assert bool((node_parents >= 0).all()), "select_tree: a kept candidate's parent was dropped"
+    root = torch.tensor([root_token], dtype=torch.int64, device=device)
+    no_parent = torch.full((1,), -1, dtype=torch.int64, device=device)
+    return _build(torch.cat([root, tokens[keep]]), torch.cat([no_parent, node_parents]),
+                  depth_bound=candidates.num_levels)
+
+
+def build_tree(tokens: Tensor, parents: Tensor) -> DraftTree:
+    """A DraftTree from tokens [T] and parents [T] (parents[0] = -1, 0 <= parents[i] < i)."""
+    if tokens.dim() != 1 or parents.shape != tokens.shape or tokens.shape[0] < 1:
+        raise ValueError(f"build_tree: want tokens [T] and parents [T], T >= 1, got "
+                         f"{tuple(tokens.shape)} and {tuple(parents.shape)}")
+    index = torch.arange(tokens.shape[0], device=parents.device)
+    if parents[0] != -1 or not bool(((parents[1:] >= 0) & (parents[1:] < index[1:])).all()):
+        raise ValueError(f"build_tree: parents must be -1 for node 0 and in [0, i) for node i, "
+                         f"got {parents.tolist()}")
+    return _build(tokens.long(), parents.long(), depth_bound=tokens.shape[0] - 1)
+
+
+def _build(tokens: Tensor, parents: Tensor, depth_bound: int) -> DraftTree:
+    """Plan tensors of a tree whose depths are all <= depth_bound."""
+    T = tokens.shape[0]
+    device = tokens.device
+    up = parents.clamp(min=0)            # the root is its own parent, so chains stop there
+    # ancestors[i, d] = the ancestor of i at distance d, or the root past i's depth
+    chain = [torch.arange(T, device=device)]
+    for _ in range(depth_bound):
+        chain.append(up[chain[-1]])
+    ancestors = torch.stack(chain, dim=1)                                   # [T, L+1]
+    assert bool((ancestors[:, -1] == 0).all()), "tree deeper than its depth bound"
+    depths = (ancestors != 0).sum(dim=1)                                    # [T]
+    mask = torch.zeros(T, T, dtype=torch.bool, device=device).scatter_(1, ancestors, True)
+    has_child = torch.zeros(T, dtype=torch.bool, device=device)
+    has_child[up[1:]] = True
+    leaves = (~has_child).nonzero().squeeze(1)                              # [P]
+    max_depth = int(depths.max())
+    dist = depths[leaves, None] - torch.arange(max_depth + 1, device=device)  # [P, D+1]
+    paths = ancestors[leaves[:, None], dist.clamp(min=0)].masked_fill(dist < 0, -1)
+    return DraftTree(tokens=tokens, parents=parents, depths=depths, mask=mask, paths=paths)
