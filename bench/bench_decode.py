@@ -81,9 +81,40 @@ def time_transformers(model, input_ids: torch.Tensor, new_tokens: int, repeats: 
             "prefill_ms": statistics.median(prefill) * 1e3}
 
 
-def bench_dtype(dtype: str, workdir: Path, new_tokens: int, repeats: int, bandwidth: dict) -> dict:
-    from transformers import AutoModelForCausalLM
+def transformers_llama(converted: Path, dtype: str):
+    """transformers' LlamaForCausalLM holding exactly the engine's dense weights.
 
+    (transformers 5 keeps a GGUF's weights packed and dequantises inside every matmul, which would
+    compare a different workload; this loads the same dense tensors the engine streams.)
+    """
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from msd_engine.config import ModelConfig
+
+    t = ModelConfig.load(converted / "config.json").text
+    cfg = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                      num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                      num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
+                      rope_theta=t.rope_theta, max_position_embeddings=t.max_position_embeddings,
+                      tie_word_embeddings=t.tie_word_embeddings)
+    names = {"text.embed_tokens.weight": "model.embed_tokens.weight", "text.norm.weight": "model.norm.weight",
+             "text.lm_head.weight": "lm_head.weight"}
+    state = {}
+    for name, tensor in load_file(converted / "model.safetensors").items():
+        hf = names.get(name) or ("model." + name[len("text."):].replace("attn.", "self_attn.")
+                                 .replace("input_norm", "input_layernorm")
+                                 .replace("post_attention_norm", "post_attention_layernorm"))
+        state[hf] = tensor
+    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if t.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def bench_dtype(dtype: str, workdir: Path, new_tokens: int, repeats: int, bandwidth: dict) -> dict:
     converted = workdir / f"smollm2-{dtype}"
     if not converted.exists():
         convert_gguf(GGUF, converted, dtype=dtype, force=False, progress=False)
@@ -92,7 +123,7 @@ def bench_dtype(dtype: str, workdir: Path, new_tokens: int, repeats: int, bandwi
     engine.config = dataclasses.replace(engine.config, eos_token_ids=())
     ours = time_engine(engine, PROMPT, new_tokens, repeats)
 
-    hf = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=getattr(torch, dtype)).eval()
+    hf = transformers_llama(converted, dtype)
     from msd_engine.request import prompt_ids
     ids = torch.tensor([prompt_ids(engine.config, engine.tokenizer, PROMPT, 0)])
     theirs = time_transformers(hf, ids, new_tokens, repeats)

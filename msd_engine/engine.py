@@ -15,6 +15,10 @@ from msd_engine.model.llava import LlavaModel
 from msd_engine.ops import get_ops
 from msd_engine.request import as_image_list, expand_image_tokens, pixel_values_for, prompt_ids
 from msd_engine.sampling import Sampler, SamplingParams
+from msd_engine.spec.drafter import Drafter
+from msd_engine.spec.loader import load_drafter
+from msd_engine.spec.speculative import SpecStats, speculative_decode
+from msd_engine.spec.tree import TreeParams
 from msd_engine.tokenizer import StreamDecoder, Tokenizer
 from msd_engine.weights import CONFIG_FILE, TOKENIZER_FILE, load_weights
 
@@ -28,6 +32,7 @@ class GenerationConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: Optional[int] = None
+    speculative: Optional[bool] = None  # None: speculative when a draft is loaded
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -74,19 +79,24 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], config: ModelConfig) -> 
 
 class Engine:
     def __init__(self, config: ModelConfig, model: LlavaModel, tokenizer: Tokenizer, cache: KVCache,
-                 device: torch.device, backend: str):
+                 device: torch.device, backend: str, drafter: Optional[Drafter] = None,
+                 tree: TreeParams = TreeParams()):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
         self.device = device
         self.backend = backend
+        self.drafter = drafter
+        self.tree = tree
 
     @classmethod
     def load(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
              dtype: Union[str, torch.dtype, None] = None, max_seq_len: Optional[int] = None,
-             backend: str = "torch") -> "Engine":
-        """Load a converted model directory (see `msd-engine convert`)."""
+             backend: str = "torch", draft: Union[str, Path, None] = None,
+             tree: Optional[TreeParams] = None) -> "Engine":
+        """Load a converted model directory (see `msd-engine convert`), and optionally a converted
+        draft head (`msd-engine convert msd-draft`) for speculative decoding with tree `tree`."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: model directory not found")
@@ -103,13 +113,22 @@ class Engine:
         t = config.text
         cache = KVCache(t.num_layers, t.num_kv_heads, seq_len, t.head_dim, torch_dtype, dev)
         tokenizer = Tokenizer.from_file(path / TOKENIZER_FILE)
-        return cls(config, model, tokenizer, cache, dev, backend)
+        tree = tree or TreeParams()
+        drafter = None
+        if draft is not None:
+            drafter = load_drafter(Path(draft), model, ops, seq_len, tree, torch_dtype, dev)
+        return cls(config, model, tokenizer, cache, dev, backend, drafter, tree)
 
     # ---- public API --------------------------------------------------------------------------
     def generate(self, prompt: Optional[str] = None, image=None, *, input_ids: Optional[Sequence[int]] = None,
                  pixel_values: Optional[torch.Tensor] = None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None) -> GenerationResult:
-        gen = GenerationConfig(max_new_tokens, temperature, top_p, seed)
+                 temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
+                 speculative: Optional[bool] = None) -> GenerationResult:
+        """Generate for a text prompt (+ images) or token ids (+ pixel values).
+
+        speculative: None = use the draft head when one is loaded; False = plain decoding.
+        """
+        gen = GenerationConfig(max_new_tokens, temperature, top_p, seed, speculative)
         ids = self._run(prompt, image, input_ids, pixel_values, gen)
         tokens = list(ids)
         text = self.tokenizer.decode(tokens)
@@ -117,9 +136,10 @@ class Engine:
 
     def stream(self, prompt: Optional[str] = None, image=None, *, input_ids: Optional[Sequence[int]] = None,
                pixel_values: Optional[torch.Tensor] = None, max_new_tokens: int = 256,
-               temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None) -> Iterator[str]:
+               temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
+               speculative: Optional[bool] = None) -> Iterator[str]:
         """Yield text pieces as tokens are decided; their concatenation is `generate(...).text`."""
-        gen = GenerationConfig(max_new_tokens, temperature, top_p, seed)
+        gen = GenerationConfig(max_new_tokens, temperature, top_p, seed, speculative)
         decoder = StreamDecoder(self.tokenizer)
         for token in self._run(prompt, image, input_ids, pixel_values, gen):
             piece = decoder.push(token)
@@ -131,6 +151,8 @@ class Engine:
 
     # ---- pipeline ----------------------------------------------------------------------------
     def _run(self, prompt, image, input_ids, pixel_values, gen: GenerationConfig) -> "_TokenStream":
+        if gen.speculative and self.drafter is None:
+            raise ValueError("speculative=True but no draft is loaded: Engine.load(..., draft=DRAFT_DIR)")
         ids, pixels = self._prepare(prompt, image, input_ids, pixel_values)
         check_prompt_fits(len(ids), self.cache)
         return _TokenStream(self, ids, pixels, gen)
@@ -169,18 +191,25 @@ class _TokenStream:
 
     def __init__(self, engine: Engine, ids: list[int], pixels: Optional[torch.Tensor], gen: GenerationConfig):
         self.engine, self.ids, self.pixels, self.gen = engine, ids, pixels, gen
-        self.stats = GenerationStats()
+        self.speculative = engine.drafter is not None and gen.speculative is not False
+        self.stats: GenerationStats = SpecStats() if self.speculative else GenerationStats()
         self.stop = StopState()
 
     def __iter__(self) -> Iterator[int]:
         eng = self.engine
         t0 = time.perf_counter()
+        ids = torch.tensor(self.ids, device=eng.device)
         with torch.inference_mode():
             features = None
             if self.pixels is not None:
                 features = eng.model.image_features(self.pixels.to(eng.device))
-            embeds = eng.model.input_embeds(torch.tensor(self.ids, device=eng.device), features)
+            embeds = eng.model.input_embeds(ids, features)
         self.stats.vision_ms = (time.perf_counter() - t0) * 1e3
         sampler = Sampler(self.gen.sampling(), eng.device)
-        yield from decode(eng.model, eng.cache, embeds, sampler, self.gen.max_new_tokens,
-                          eng.config.eos_token_ids, self.stats, self.stop)
+        if self.speculative:
+            assert eng.drafter is not None and isinstance(self.stats, SpecStats)
+            yield from speculative_decode(eng.model, eng.cache, eng.drafter, ids, embeds, sampler, eng.tree,
+                                          self.gen.max_new_tokens, eng.config.eos_token_ids, self.stats, self.stop)
+        else:
+            yield from decode(eng.model, eng.cache, embeds, sampler, self.gen.max_new_tokens,
+                              eng.config.eos_token_ids, self.stats, self.stop)

@@ -43,6 +43,18 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def compact(self, start: int, nodes: torch.Tensor) -> None:
+        """Move the entries at slots start + nodes[j] to start + j, all layers, K and V, in one copy.
+
+        After verification: `nodes` are the accepted tree nodes (ascending, node 0 = the root), so
+        the accepted path becomes contiguous after the prefix and rejected entries are left behind.
+        """
+        m = int(nodes.shape[0])
+        assert start + m <= self.max_seq_len
+        src = nodes + start
+        # [2, layers, Hkv, m, D]; the gather copies before the write, so overlapping ranges are safe.
+        self.arena[:, :, :, start:start + m] = self.arena[:, :, :, src]
+
     def advance(self, new_tokens: int) -> None:
         self.check_fits(new_tokens)
         self.length += new_tokens
@@ -52,16 +64,27 @@ class KVCache:
 class StepState:
     """What every layer of one forward step needs, built once per step (plan), used by all (run).
 
-    positions: [T] RoPE positions of the new tokens. start: first cache slot written.
-    mask: [T, T] bool visibility among the new tokens (None = all visible, i.e. T == 1).
+    The step writes its T new entries into cache slots [start, start + T) and attends to slots
+    [0, start + T): slots [0, prefix_len) are fully visible; the rest (earlier scratch entries of a
+    draft tree, then the T new entries) are visible through `mask`.
+
+    positions: [T] RoPE positions of the new tokens (a tree node's = prefix position + depth).
+    mask: [T, start + T - prefix_len] bool, True = visible; None means all visible.
     cos/sin: [T, D] rotary tables gathered at `positions`.
     """
 
     positions: torch.Tensor
     start: int
+    prefix_len: int
     mask: Optional[torch.Tensor]
     cos: torch.Tensor
     sin: torch.Tensor
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.prefix_len <= self.start
+        if self.mask is not None:
+            assert tuple(self.mask.shape) == (self.num_tokens, self.start + self.num_tokens - self.prefix_len), \
+                (tuple(self.mask.shape), self.num_tokens, self.start, self.prefix_len)
 
     @property
     def num_tokens(self) -> int:

@@ -10,6 +10,8 @@ from msd_engine.convert.common import ConversionError
 from msd_engine.convert.gguf_llama import convert_gguf
 from msd_engine.convert.llava_hf import convert_llava_hf
 from msd_engine.convert.llava_orig import convert_llava_original
+from msd_engine.convert.msd_draft import convert_msd_draft
+from msd_engine.draft.config import DRAFT_MODES
 from msd_engine.weights import WEIGHTS_FILE, expected_shapes
 
 
@@ -41,7 +43,14 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                               description="Convert a Llama-architecture GGUF file (dequantised) to a text-only model.")
     gguf.add_argument("src", type=Path, metavar="SRC.gguf", help="GGUF file")
     gguf.add_argument("dst", type=Path, metavar="DST", help="output directory")
-    for sub in (hf, orig, gguf):
+    draft = formats.add_parser("msd-draft", help="a released MSD / EAGLE draft head checkpoint",
+                               description="Convert a released MSD/EAGLE one-layer draft head (config.json + "
+                                           "model.safetensors or pytorch_model.bin).")
+    draft.add_argument("src", type=Path, metavar="SRC", help="draft checkpoint directory")
+    draft.add_argument("dst", type=Path, metavar="DST", help="output directory")
+    draft.add_argument("--mode", choices=DRAFT_MODES, default="msd",
+                       help="msd: image positions bypass fc (decoupled); eagle: they go through fc")
+    for sub in (hf, orig, gguf, draft):
         _add_common(sub)
     return parser
 
@@ -65,6 +74,11 @@ def run_convert(args: argparse.Namespace) -> int:
             config = convert_llava_original(args.src, args.clip, args.dst, args.dtype, args.force, progress)
         elif args.convert_format == "gguf":
             config = convert_gguf(args.src, args.dst, args.dtype, args.force, progress)
+        elif args.convert_format == "msd-draft":
+            draft = convert_msd_draft(args.src, args.dst, args.mode, args.dtype, args.force, progress)
+            print(f"converted msd-draft {args.src} -> {args.dst}: {draft.mode} draft, hidden {draft.hidden_size}, "
+                  f"vocab {draft.vocab_size}, {draft.dtype}")
+            return 0
         else:
             raise ValueError(f"unknown convert format {args.convert_format!r}")
     except (ConversionError, FileNotFoundError, ValueError) as exc:

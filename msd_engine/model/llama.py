@@ -52,9 +52,11 @@ class LlamaModel:
                           weights[p + "post_attention_norm.weight"], gate_up, weights[p + "mlp.down_proj.weight"])
 
     # ---- plan --------------------------------------------------------------------------------
-    def plan_step(self, positions: torch.Tensor, start: int, mask: Optional[torch.Tensor]) -> StepState:
-        return StepState(positions=positions, start=start, mask=mask,
-                         cos=self.cos[positions], sin=self.sin[positions])
+    def plan_step(self, positions: torch.Tensor, start: int, mask: Optional[torch.Tensor],
+                  prefix_len: Optional[int] = None) -> StepState:
+        """prefix_len defaults to `start`: everything already in the cache is fully visible."""
+        return StepState(positions=positions, start=start, prefix_len=start if prefix_len is None else prefix_len,
+                         mask=mask, cos=self.cos[positions], sin=self.sin[positions])
 
     # ---- run ---------------------------------------------------------------------------------
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,7 @@ class LlamaModel:
         q = ops.rope(q, step.cos, step.sin)
         k = ops.rope(k, step.cos, step.sin)
         ops.kv_write(k_cache, v_cache, k, v, step.start)
-        out = ops.cached_attention(q, k_cache, v_cache, step.start, step.mask)  # [T, Hq, D]
+        out = ops.cached_attention(q, k_cache, v_cache, step.prefix_len, step.mask)  # [T, Hq, D]
         return ops.linear(out.reshape(t, cfg.num_heads * d), layer.o_proj)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

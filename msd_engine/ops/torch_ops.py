@@ -66,24 +66,25 @@ class TorchOps:
     # ---- attention ---------------------------------------------------------------------------
     def cached_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          prefix_len: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Queries q [T, Hq, D] at cache slots prefix_len..prefix_len+T (already written).
+        """Tree-masked attention over the cache. q [T, Hq, D]; caches [Hkv, S, D] (new entries written).
 
-        Keys are the cache slots [0, prefix_len + T): the prefix is fully visible; among the T new
-        entries, `mask` [T, T] (bool, True = visible) decides; None means all visible (T == 1).
-        Returns [T, Hq, D].
+        Keys are slots [0, prefix_len + R) with R = mask.shape[1] (R = T when mask is None): the
+        prefix is fully visible, the R slots after it through `mask` [T, R] (bool, True = visible).
+        The queries' own entries are the last T of those R. Returns [T, Hq, D].
         """
         t, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[0]
         group = num_heads // num_kv_heads
-        keys = k_cache[None, :, :prefix_len + t]  # [1, Hkv, L, D]
-        values = v_cache[None, :, :prefix_len + t]
+        region = t if mask is None else mask.shape[1]
+        keys = k_cache[None, :, :prefix_len + region]  # [1, Hkv, L, D]
+        values = v_cache[None, :, :prefix_len + region]
         # Fold the query heads of one KV group into the query axis: no K/V repeat needed.
         q_grouped = q.transpose(0, 1).reshape(1, num_kv_heads, group * t, head_dim)
         attn_mask = None
         if mask is not None:
-            full = torch.ones(t, prefix_len + t, dtype=torch.bool, device=q.device)
+            full = torch.ones(t, prefix_len + region, dtype=torch.bool, device=q.device)
             full[:, prefix_len:] = mask
-            attn_mask = full.repeat(group, 1)  # [G*T, L]
+            attn_mask = full.repeat(group, 1)  # [G*T, L]: row g*T + i is query i of head g
         out = F.scaled_dot_product_attention(q_grouped, keys, values, attn_mask=attn_mask)
         return out.reshape(num_heads, t, head_dim).transpose(0, 1)
 

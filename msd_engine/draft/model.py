@@ -1,0 +1,66 @@
+"""The draft head: fc over [embedding, target feature] (or the visual bypass), one Llama layer.
+
+Layer without input norm and without a final norm: x = x + attn(x); x = x + mlp(post_norm(x)).
+Its logits come from the TARGET's lm_head.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from msd_engine.draft.config import DraftConfig
+from msd_engine.kv_cache import KVCache, StepState
+from msd_engine.model.llama import LlamaLayer, rotary_tables
+from msd_engine.ops import TorchOps
+
+
+class DraftModel:
+    def __init__(self, config: DraftConfig, weights: dict[str, torch.Tensor], target_lm_head: torch.Tensor,
+                 ops: TorchOps, max_seq_len: int):
+        self.config = config
+        self.ops = ops
+        self.embed_tokens = weights["embed_tokens.weight"]  # [V, H], a frozen copy of the target's
+        self.fc_weight = weights["fc.weight"]                # [H, 2H]: embedding columns first, then feature
+        self.fc_bias = weights["fc.bias"]
+        p = "layers.0."
+        qkv = torch.cat([weights[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")])
+        gate_up = torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]])
+        self.layer = LlamaLayer(input_norm=torch.empty(0), qkv_proj=qkv, o_proj=weights[p + "self_attn.o_proj.weight"],
+                                post_attention_norm=weights[p + "post_attention_layernorm.weight"],
+                                gate_up_proj=gate_up, down_proj=weights[p + "mlp.down_proj.weight"])
+        self.lm_head = target_lm_head
+        self.cos, self.sin = rotary_tables(config, max_seq_len, self.fc_weight.dtype, self.fc_weight.device)
+
+    def plan_step(self, positions: torch.Tensor, start: int, mask: Optional[torch.Tensor],
+                  prefix_len: Optional[int] = None) -> StepState:
+        return StepState(positions=positions, start=start, prefix_len=start if prefix_len is None else prefix_len,
+                         mask=mask, cos=self.cos[positions], sin=self.sin[positions])
+
+    def fuse(self, token_embeds: torch.Tensor, features: torch.Tensor,
+             bypass: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Layer inputs [T, H]: fc(cat(token_embeds, features)); rows where `bypass` [T] is True take
+        `token_embeds` itself (MSD: the raw projector output of an image patch, no fc)."""
+        fused = self.ops.linear(torch.cat([token_embeds, features], dim=-1), self.fc_weight, self.fc_bias)
+        if bypass is not None and self.config.mode == "msd":
+            fused = torch.where(bypass[:, None], token_embeds, fused)
+        return fused
+
+    def forward(self, x: torch.Tensor, step: StepState, cache: KVCache) -> torch.Tensor:
+        """x [T, H] fused inputs -> [T, H] predicted next features (no final norm)."""
+        ops, cfg, layer = self.ops, self.config, self.layer
+        t, d = x.shape[0], cfg.head_dim
+        qkv = ops.linear(x, layer.qkv_proj)
+        q, k, v = qkv.view(t, -1, d).split([cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
+        q = ops.rope(q, step.cos, step.sin)
+        k = ops.rope(k, step.cos, step.sin)
+        k_cache, v_cache = cache.layer(0)
+        ops.kv_write(k_cache, v_cache, k, v, step.start)
+        attn = ops.cached_attention(q, k_cache, v_cache, step.prefix_len, step.mask)
+        h = x + ops.linear(attn.reshape(t, cfg.num_heads * d), layer.o_proj)
+        mlp_in = ops.rms_norm(h, layer.post_attention_norm, cfg.rms_norm_eps)
+        return h + ops.linear(ops.silu_mul(ops.linear(mlp_in, layer.gate_up_proj)), layer.down_proj)
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, H] -> [T, V] float32 log-probabilities through the target's lm_head."""
+        return torch.log_softmax(self.ops.linear(hidden, self.lm_head).float(), dim=-1)

@@ -1,0 +1,152 @@
+"""Speculative decoding: [draft -> verify -> accept -> cache update]* after one prefill.
+
+Lossless: greedy acceptance yields exactly the target's greedy tokens, and recursive rejection
+sampling with deterministic drafts yields exactly the target's sampling distribution.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Optional
+
+import torch
+
+from msd_engine.generation import GenerationStats, StopState, _sync
+from msd_engine.kv_cache import KVCache
+from msd_engine.model.llava import LlavaModel
+from msd_engine.sampling import Sampler, probabilities
+from msd_engine.spec.accept import accept_greedy, accept_sampling
+from msd_engine.spec.drafter import Drafter
+from msd_engine.spec.tree import DraftTree, TreeParams
+
+
+@dataclass
+class SpecStats(GenerationStats):
+    draft_ms: float = 0.0
+    verify_ms: float = 0.0
+    other_ms: float = 0.0
+    verify_forwards: int = 0
+    accepted_histogram: dict = field(default_factory=dict)  # tokens emitted per verify forward -> count
+    tree_nodes: int = 0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per verify forward, the bonus token counted."""
+        total = sum(n * c for n, c in self.accepted_histogram.items())
+        return total / self.verify_forwards if self.verify_forwards else 0.0
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "tau": self.tau,
+                "accepted_histogram": {str(k): v for k, v in sorted(self.accepted_histogram.items())}}
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        _sync(self.device)
+        now = time.perf_counter()
+        ms, self.t = (now - self.t) * 1e3, now
+        return ms
+
+
+def _prefill(model: LlavaModel, cache: KVCache, embeds: torch.Tensor) -> torch.Tensor:
+    n = embeds.shape[0]
+    device = embeds.device
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril() if n > 1 else None
+    hidden = model.text.forward(embeds, model.text.plan_step(torch.arange(n, device=device), 0, causal), cache)
+    cache.advance(n)
+    return hidden
+
+
+def _verify(model: LlavaModel, cache: KVCache, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
+    """One target forward over the tree: returns (hidden [T, H], float32 logits [T, V])."""
+    text, start = model.text, cache.length
+    step = text.plan_step(start + tree.depths, start, tree.mask)
+    hidden = text.forward(text.embed(tree.tokens), step, cache)
+    return hidden, text.logits(hidden)
+
+
+def _tree_params_for(params: TreeParams, slots_left: int) -> TreeParams:
+    """Shrink the tree near the end of the cache so verification never writes past it."""
+    return params if params.total_tokens <= slots_left else replace(params, total_tokens=slots_left)
+
+
+def speculative_decode(model: LlavaModel, cache: KVCache, drafter: Drafter, input_ids: torch.Tensor,
+                       prompt_embeds: torch.Tensor, sampler: Sampler, params: TreeParams, max_new_tokens: int,
+                       eos_ids: tuple[int, ...], stats: SpecStats, stop: StopState) -> Iterator[int]:
+    device = prompt_embeds.device
+    cache.reset()
+    drafter.reset()
+    stats.prompt_tokens = input_ids.shape[0]
+    if max_new_tokens <= 0:
+        stop.finish_reason = "length"
+        return
+    timer = _Timer(device)
+    with torch.inference_mode():
+        hidden = _prefill(model, cache, prompt_embeds)
+        root = sampler(model.text.logits(hidden[-1:])[0])
+    stats.prefill_ms = stats.vision_ms + timer.lap()
+    stats.target_forwards = 1
+
+    is_image = _image_mask(model, input_ids)
+    next_ids = torch.cat([input_ids[1:], torch.tensor([root], device=device)])
+    next_image = torch.cat([is_image[1:], torch.zeros(1, dtype=torch.bool, device=device)])
+    with torch.inference_mode():
+        drafter.extend(next_ids, hidden, torch.cat([prompt_embeds[1:], prompt_embeds[:1]]), next_image)
+    stats.draft_ms += timer.lap()
+
+    pending = [root]
+    while True:
+        for token in pending:  # emit, checking every stop rule token by token
+            stats.new_tokens += 1
+            yield token
+            if token in eos_ids:
+                stop.finish_reason = "stop"
+                return
+            if stats.new_tokens >= max_new_tokens:
+                stop.finish_reason = "length"
+                return
+        slots_left = cache.max_seq_len - cache.length
+        if slots_left <= 0:
+            stop.finish_reason = "length"
+            return
+        timer.lap()  # the consumer's time between tokens is not ours
+        pending = _speculate_round(model, cache, drafter, pending[-1], sampler,
+                                   _tree_params_for(params, slots_left), stats, timer)
+
+
+def _speculate_round(model: LlavaModel, cache: KVCache, drafter: Drafter, root: int, sampler: Sampler,
+                     params: TreeParams, stats: SpecStats, timer: _Timer) -> list[int]:
+    with torch.inference_mode():
+        tree = drafter.draft(root, params)
+        stats.draft_ms += timer.lap()
+        hidden, logits = _verify(model, cache, tree)
+        stats.verify_ms += timer.lap()
+        if sampler.params.greedy:
+            accepted, bonus = accept_greedy(tree, logits)
+        else:
+            accepted, bonus = accept_sampling(tree, probabilities(logits, sampler.params), sampler.generator)
+        nodes = torch.tensor(accepted, device=logits.device)
+        cache.compact(cache.length, nodes)
+        cache.advance(len(accepted))
+        emitted = tree.tokens[nodes[1:]].tolist() + [bonus]
+        stats.other_ms += timer.lap()
+        device = logits.device
+        drafter.extend(torch.tensor(emitted, device=device), hidden[nodes], None,
+                       torch.zeros(len(emitted), dtype=torch.bool, device=device))
+        stats.draft_ms += timer.lap()
+    stats.target_forwards += 1
+    stats.verify_forwards += 1
+    stats.tree_nodes += tree.num_nodes
+    stats.accepted_histogram[len(emitted)] = stats.accepted_histogram.get(len(emitted), 0) + 1
+    return emitted
+
+
+def _image_mask(model: LlavaModel, input_ids: torch.Tensor) -> torch.Tensor:
+    image_id = model.config.image_token_id
+    if image_id is None:
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+    return input_ids == image_id
