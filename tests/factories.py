@@ -72,3 +72,24 @@ def save_hf_llava(model, directory: Path) -> Path:
 
 def image_tokens(spec: TinySpec) -> int:
     return (spec.image_size // spec.patch_size) ** 2
+
+
+def write_tiny_text_model(directory: Path, vocab: int, seed: int = 0, hidden: int = 32, layers: int = 2,
+                          std: float = 0.5) -> Path:
+    """A converted text-only Llama with a tiny vocabulary (WordLevel tokenizer 't0'..), random weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from msd_engine.config import ModelConfig, TextConfig
+    from msd_engine.convert.common import save_converted
+    from msd_engine.weights import expected_shapes
+
+    config = ModelConfig(text=TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                         num_layers=layers, num_heads=4, num_kv_heads=2, max_position_embeddings=256),
+                         bos_token_id=0, eos_token_ids=(), prompt_template="plain", dtype="float32")
+    g = torch.Generator().manual_seed(seed)
+    tensors = {name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * std)
+               for name, shape in expected_shapes(config).items()}
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    save_converted(directory, config, tensors, tok.to_str(), force=True, progress=False)
+    return directory

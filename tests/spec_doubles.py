@@ -28,9 +28,10 @@ class OracleDrafter:
     def reset(self) -> None:
         self.emitted = 0
 
-    def extend(self, token_ids, features, image_embeds, is_image) -> None:
+    def extend(self, token_ids, image_embeds, is_image, features) -> torch.Tensor:
         # The prefill commit ends with the root (1 emitted token); later commits are all emitted.
         self.emitted += 1 if self.emitted == 0 else token_ids.shape[0]
+        return features
 
     def _wrong(self, right: int) -> int:
         return (right + 1 + int(torch.randint(self.vocab - 1, (1,), generator=self.rng))) % self.vocab

@@ -20,11 +20,11 @@ class Drafter(Protocol):
     def reset(self) -> None:
         """Forget the previous request."""
 
-    def extend(self, token_ids: torch.Tensor, features: torch.Tensor, image_embeds: Optional[torch.Tensor],
-               is_image: torch.Tensor) -> None:
+    def extend(self, token_ids: torch.Tensor, image_embeds: Optional[torch.Tensor], is_image: torch.Tensor,
+               features: torch.Tensor) -> torch.Tensor:
         """Commit m draft positions: token_ids [m] are the tokens at target positions p+1..p+m,
         features [m, H] the target's features at p..p+m-1; where is_image [m], the token is an
-        image patch whose projector output is image_embeds [m, H]."""
+        image patch whose projector output is image_embeds [m, H]. Returns the draft's hidden [m, H]."""
 
     def draft(self, root_token: int, params: TreeParams) -> DraftTree:
         """Propose a tree rooted at `root_token` (the last emitted token)."""
@@ -48,7 +48,7 @@ class TreeDrafter:
         self.cache.reset()
         self.last_hidden = None
 
-    def extend(self, token_ids, features, image_embeds, is_image) -> None:
+    def extend(self, token_ids, image_embeds, is_image, features) -> torch.Tensor:
         model = self.model
         m = token_ids.shape[0]
         self.cache.check_fits(m)
@@ -62,6 +62,7 @@ class TreeDrafter:
         hidden = model.forward(x, model.plan_step(positions, start, causal), self.cache)
         self.cache.advance(m)
         self.last_hidden = hidden[-1]
+        return hidden
 
     def draft(self, root_token: int, params: TreeParams) -> DraftTree:
         assert self.last_hidden is not None, "extend() must run before draft()"

@@ -91,11 +91,8 @@ def speculative_decode(model: LlavaModel, cache: KVCache, drafter: Drafter, inpu
     stats.prefill_ms = stats.vision_ms + timer.lap()
     stats.target_forwards = 1
 
-    is_image = _image_mask(model, input_ids)
-    next_ids = torch.cat([input_ids[1:], torch.tensor([root], device=device)])
-    next_image = torch.cat([is_image[1:], torch.zeros(1, dtype=torch.bool, device=device)])
     with torch.inference_mode():
-        drafter.extend(next_ids, hidden, torch.cat([prompt_embeds[1:], prompt_embeds[:1]]), next_image)
+        drafter.extend(*prompt_draft_inputs(input_ids, prompt_embeds, root, model.config.image_token_id), hidden)
     stats.draft_ms += timer.lap()
 
     pending = [root]
@@ -135,8 +132,8 @@ def _speculate_round(model: LlavaModel, cache: KVCache, drafter: Drafter, root: 
         emitted = tree.tokens[nodes[1:]].tolist() + [bonus]
         stats.other_ms += timer.lap()
         device = logits.device
-        drafter.extend(torch.tensor(emitted, device=device), hidden[nodes], None,
-                       torch.zeros(len(emitted), dtype=torch.bool, device=device))
+        drafter.extend(torch.tensor(emitted, device=device), None,
+                       torch.zeros(len(emitted), dtype=torch.bool, device=device), hidden[nodes])
         stats.draft_ms += timer.lap()
     stats.target_forwards += 1
     stats.verify_forwards += 1
@@ -145,8 +142,18 @@ def _speculate_round(model: LlavaModel, cache: KVCache, drafter: Drafter, root: 
     return emitted
 
 
-def _image_mask(model: LlavaModel, input_ids: torch.Tensor) -> torch.Tensor:
-    image_id = model.config.image_token_id
-    if image_id is None:
-        return torch.zeros_like(input_ids, dtype=torch.bool)
-    return input_ids == image_id
+def prompt_draft_inputs(input_ids: torch.Tensor, prompt_embeds: torch.Tensor, root: int,
+                        image_token_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The draft's view of the prompt, shifted by one: (token ids [n], image rows [n, H], is_image [n]).
+
+    Draft position i takes the token at target position i+1 (the root for the last one); where that
+    token is an image patch, its row is the patch's projector output (the target's input embedding).
+    """
+    device = input_ids.device
+    next_ids = torch.cat([input_ids[1:], torch.tensor([root], device=device)])
+    is_image = torch.zeros_like(next_ids, dtype=torch.bool)
+    if image_token_id is not None:
+        is_image = next_ids == image_token_id
+        is_image[-1] = False  # the root is a sampled text token
+    image_rows = torch.cat([prompt_embeds[1:], prompt_embeds[-1:]])  # last row unused (not an image)
+    return next_ids, image_rows, is_image
