@@ -28,9 +28,52 @@ def _add_generate_parser(sub) -> None:
                    help="compute dtype (default: the converted checkpoint's)")
     p.add_argument("--backend", default="torch", choices=["torch", "triton", "cuda"])
     p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--draft", default=None, help="converted draft head (msd-engine convert msd-draft) for MSD")
+    p.add_argument("--no-spec", action="store_true", help="plain decoding even when --draft is given")
+    _add_tree_args(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print one JSON object with text, ids, reason, stats")
     out.add_argument("--stream", action="store_true", help="print text as it is generated")
+
+
+def _add_tree_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--top-k", type=int, default=None, help="tree: children per frontier node (default 10)")
+    p.add_argument("--depth", type=int, default=None, help="tree: expansion steps (default 5)")
+    p.add_argument("--total-tokens", type=int, default=None,
+                   help="tree: nodes incl. the root (default: tuned for this device, else 60)")
+
+
+def _tree_from_args(args: argparse.Namespace):
+    from msd_engine.spec.tree import TreeParams
+
+    if args.top_k is None and args.depth is None and args.total_tokens is None:
+        return None  # the engine's default: tuned for the device when a tuning exists
+    base = TreeParams()
+    return TreeParams(top_k=args.top_k or base.top_k, depth=args.depth or base.depth,
+                      total_tokens=args.total_tokens or base.total_tokens)
+
+
+def _add_tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="pick the speculative tree size for this device and model (cached)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--backend", default="torch", choices=["torch", "triton", "cuda"])
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from msd_engine.engine import Engine
+    from msd_engine.spec.tune import candidates_for, save_tuned, tune_total_tokens
+
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    best, timings = tune_total_tokens(engine.model, engine.cache, engine.device)
+    gains = candidates_for(engine.device)
+    for t, ms in timings.items():
+        print(f"T={t:3d}: verify {ms:8.2f} ms, / gain {gains[t]:.2f} = {ms / gains[t]:8.2f}{'  <- best' if t == best else ''}")
+    dtype = engine.model.text.embed_tokens.dtype
+    path = save_tuned(engine.device, engine.config, dtype, best, timings)
+    print(f"total_tokens = {best} for this device and model (cached in {path})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,16 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_convert_parser(sub)
     _add_generate_parser(sub)
+    _add_tune_parser(sub)
     return parser
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from msd_engine.engine import Engine
 
+    if args.no_spec and args.draft is None:
+        raise ValueError("--no-spec only makes sense with --draft")
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                         backend=args.backend)
+                         backend=args.backend, draft=args.draft, tree=_tree_from_args(args))
     kwargs = dict(image=args.image or None, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_p=args.top_p, seed=args.seed)
+                  top_p=args.top_p, seed=args.seed, speculative=False if args.no_spec else None)
     if args.stream:
         for piece in engine.stream(args.prompt, **kwargs):
             print(piece, end="", flush=True)
@@ -59,8 +105,9 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         print(result.text)
         s = result.stats
+        spec = f", tau {s['tau']:.2f}" if "tau" in s else ""
         print(f"[{s['new_tokens']} tokens, {result.finish_reason}; prefill {s['prefill_ms']:.1f} ms, "
-              f"decode {s['decode_tokens_per_s']:.1f} tok/s]", file=sys.stderr)
+              f"decode {s['decode_tokens_per_s']:.1f} tok/s{spec}]", file=sys.stderr)
     return 0
 
 
@@ -69,6 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "convert":
             return run_convert(args)
+        if args.command == "tune":
+            return run_tune(args)
         return run_generate(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ from msd_engine.spec.drafter import Drafter
 from msd_engine.spec.loader import load_drafter
 from msd_engine.spec.speculative import SpecStats, speculative_decode
 from msd_engine.spec.tree import TreeParams
+from msd_engine.spec.tune import load_tuned
 from msd_engine.tokenizer import StreamDecoder, Tokenizer
 from msd_engine.weights import CONFIG_FILE, TOKENIZER_FILE, load_weights
 
@@ -113,7 +114,10 @@ class Engine:
         t = config.text
         cache = KVCache(t.num_layers, t.num_kv_heads, seq_len, t.head_dim, torch_dtype, dev)
         tokenizer = Tokenizer.from_file(path / TOKENIZER_FILE)
-        tree = tree or TreeParams()
+        if tree is None:
+            # A tree size tuned for this device and model (`msd-engine tune`) beats the GPU default.
+            tuned = load_tuned(dev, config, torch_dtype)
+            tree = TreeParams(total_tokens=tuned) if tuned else TreeParams()
         drafter = None
         if draft is not None:
             drafter = load_drafter(Path(draft), model, ops, seq_len, tree, torch_dtype, dev)

@@ -5,6 +5,11 @@ import os
 # set TRITON_INTERPRET=0 to compile them for the device instead.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tree-size tunings are cached per device and model; the tests use their own empty cache.
+import tempfile  # noqa: E402
+
+os.environ["MSD_ENGINE_CACHE"] = tempfile.mkdtemp(prefix="msd-engine-cache-")
+
 import pytest  # noqa: E402
 
 

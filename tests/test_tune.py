@@ -1,0 +1,71 @@
+"""`msd-engine tune`: the EAGLE-2 tree-size rule, its per-device cache, and Engine.load using it."""
+from __future__ import annotations
+
+import pytest
+
+from msd_engine import Engine
+from msd_engine.cli import main
+from msd_engine.spec import tune
+from msd_engine.spec.tree import TreeParams
+
+
+def test_tune_picks_the_argmin_of_time_over_gain(tiny_llava_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("MSD_ENGINE_CACHE", str(tmp_path))
+    engine = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128)
+    best, timings = tune.tune_total_tokens(engine.model, engine.cache, engine.device, prefix=32, repeats=2)
+    gains = tune.candidates_for(engine.device)
+    assert set(timings) == set(gains) and max(gains) <= 32  # a CPU's candidates are small trees
+    assert best == min(gains, key=lambda t: timings[t] / gains[t])
+    assert all(ms > 0 for ms in timings.values())
+
+
+def test_tuned_size_is_cached_per_device_and_model_and_used_by_load(tiny_llava_dir, smollm2_float32,
+                                                                     monkeypatch, tmp_path):
+    monkeypatch.setenv("MSD_ENGINE_CACHE", str(tmp_path))
+    engine = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128)
+    assert engine.tree == TreeParams()  # nothing tuned yet
+    dtype = engine.model.text.embed_tokens.dtype
+    tune.save_tuned(engine.device, engine.config, dtype, 12, {12: 1.0})
+    assert tune.load_tuned(engine.device, engine.config, dtype) == 12
+    assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128).tree.total_tokens == 12
+    # Another model, or another dtype, is not affected.
+    other = Engine.load(smollm2_float32, dtype="float32", max_seq_len=64)
+    assert tune.load_tuned(other.device, other.config, dtype) is None
+    assert Engine.load(tiny_llava_dir, dtype="bfloat16", max_seq_len=128).tree == TreeParams()
+    # An explicit tree wins over the tuning.
+    assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, tree=TreeParams(2, 2, 5)).tree.total_tokens == 5
+
+
+def test_damaged_cache_is_ignored(tiny_llava_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("MSD_ENGINE_CACHE", str(tmp_path))
+    (tmp_path / "tune.json").write_text("{not json")
+    assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128).tree == TreeParams()
+
+
+def test_cli_tune(tiny_llava_dir, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MSD_ENGINE_CACHE", str(tmp_path))
+    assert main(["tune", "--model", str(tiny_llava_dir), "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "<- best" in out and "total_tokens =" in out
+    assert (tmp_path / "tune.json").is_file()
+
+
+@pytest.mark.parametrize("flags, tree", [
+    (["--top-k", "3", "--depth", "2", "--total-tokens", "6"], TreeParams(3, 2, 6)),
+    (["--total-tokens", "8"], TreeParams(10, 5, 8)),
+])
+def test_cli_generate_with_draft_and_tree_flags(tiny_llava_dir, tmp_path, capsys, flags, tree):
+    import json
+
+    from tests.spec_doubles import write_random_draft
+
+    draft = write_random_draft(Engine.load(tiny_llava_dir, dtype="float32"), tmp_path / "draft")
+    base = ["generate", "--model", str(tiny_llava_dir), "--prompt", "hi", "--max-new-tokens", "6",
+            "--dtype", "float32", "--json", "--draft", str(draft)]
+    assert main(base + flags) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert "tau" in spec["stats"] and "accepted_histogram" in spec["stats"]
+    assert spec["stats"]["tree_nodes"] <= tree.total_tokens * spec["stats"]["verify_forwards"]
+    assert main(base + flags + ["--no-spec"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert "tau" not in plain["stats"] and plain["token_ids"] == spec["token_ids"]
