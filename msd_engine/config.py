@@ -99,6 +99,8 @@ class TextConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("num_heads", "num_kv_heads"):
+            _require(getattr(self, name) > 0, f"text {name} must be positive, got {getattr(self, name)}")
         if self.head_dim == 0:
             _require(self.hidden_size % self.num_heads == 0,
                      f"text hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")

@@ -7,6 +7,7 @@ draft keeps those names; its config records the mode (`msd` decoupled, or `eagle
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -53,6 +54,7 @@ def save_draft(dst: Path, config: DraftConfig, tensors: Mapping[str, torch.Tenso
     with atomic_output_dir(dst, force) as tmp:
         config.save(tmp / CONFIG_FILE)
         save_file(out, str(tmp / DRAFT_WEIGHTS_FILE), metadata={"format": "msd-engine-draft"})
+        shutil.copymode(tmp / CONFIG_FILE, tmp / DRAFT_WEIGHTS_FILE)  # safetensors writes 0600
 
 
 def convert_msd_draft(src: Path, dst: Path, mode: str = "msd", dtype: str = "float16", force: bool = False,

@@ -32,15 +32,19 @@ class DraftConfig:
     def __post_init__(self) -> None:
         if self.mode not in DRAFT_MODES:
             raise ValueError(f"draft mode {self.mode!r} not one of {DRAFT_MODES}")
+        for name in ("hidden_size", "intermediate_size", "vocab_size", "num_heads", "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"draft {name} must be positive, got {getattr(self, name)}")
+        if self.head_dim < 0:
+            raise ValueError(f"draft head_dim must be >= 0 (0 = hidden_size // num_heads), got {self.head_dim}")
         if self.head_dim == 0:
             if self.hidden_size % self.num_heads:
                 raise ValueError(f"draft hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"draft head_dim {self.head_dim} must be even for RoPE")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"draft num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
-        for name in ("hidden_size", "intermediate_size", "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"draft {name} must be positive, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": DRAFT_FORMAT, "format_version": DRAFT_FORMAT_VERSION, **dataclasses.asdict(self)}
