@@ -7,6 +7,7 @@ and `check_fits` turns a would-be overflow into a clear error before any write.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -43,17 +44,17 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
-    def compact(self, start: int, nodes: torch.Tensor) -> None:
-        """Move the entries at slots start + nodes[j] to start + j, all layers, K and V, in one copy.
+    def compact(self, start: int, nodes: torch.Tensor, ops=None) -> None:
+        """Make the accepted tree nodes contiguous: slot start + nodes[j] -> start + j, all layers.
 
-        After verification: `nodes` are the accepted tree nodes (ascending, node 0 = the root), so
-        the accepted path becomes contiguous after the prefix and rejected entries are left behind.
+        After verification `nodes` are the accepted nodes (ascending, node 0 = the root); rejected
+        entries are left behind. One launch for every layer (`ops.kv_compact`; torch by default).
         """
-        m = int(nodes.shape[0])
-        assert start + m <= self.max_seq_len
-        src = nodes + start
-        # [2, layers, Hkv, m, D]; the gather copies before the write, so overlapping ranges are safe.
-        self.arena[:, :, :, start:start + m] = self.arena[:, :, :, src]
+        assert start + int(nodes.shape[0]) <= self.max_seq_len
+        if ops is None:
+            from msd_engine.ops.torch_ops import TorchOps
+            ops = TorchOps()
+        ops.kv_compact(self.arena, start, nodes)
 
     def advance(self, new_tokens: int) -> None:
         self.check_fits(new_tokens)
@@ -89,3 +90,24 @@ class StepState:
     @property
     def num_tokens(self) -> int:
         return int(self.positions.shape[0])
+
+    @property
+    def region(self) -> int:
+        """Slots after the fully visible prefix that the step attends to through the mask."""
+        return self.start + self.num_tokens - self.prefix_len
+
+    @cached_property
+    def mask_bits(self) -> Optional[torch.Tensor]:
+        """The mask bit-packed for the kernels: int32 [T, ceil(region / 32)], bit j%32 of word j//32.
+
+        Packed once per step (on first use) and shared by every layer.
+        """
+        if self.mask is None:
+            return None
+        t, r = self.mask.shape
+        words = (r + 31) // 32
+        padded = torch.zeros(t, words * 32, dtype=torch.int64, device=self.mask.device)
+        padded[:, :r] = self.mask.to(torch.int64)
+        weights = torch.ones(32, dtype=torch.int64, device=self.mask.device) << torch.arange(32, device=self.mask.device)
+        packed = (padded.view(t, words, 32) * weights).sum(-1)  # < 2**32
+        return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)

@@ -128,3 +128,19 @@ def test_real_smollm2_random_and_oracle_drafts_are_lossless(smollm2_float32, tmp
     oracle = Engine(target.config, target.model, target.tokenizer, target.cache, target.device, target.backend,
                     drafter, TreeParams(4, 5, 12))
     assert oracle.generate(prompt, max_new_tokens=32).token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("mode", ["msd", "eagle"])
+def test_triton_backend_speculation_matches_torch_plain(tiny_llava_dir, target, random_draft, tmp_path, mode):
+    """Tree attention, compaction and the fused draft input as Triton kernels (interpreter on CPU)."""
+    draft = random_draft if mode == "msd" else write_random_draft(target, tmp_path / "eagle", "eagle", seed=1)
+    tri = no_eos(Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=192, backend="triton", draft=draft,
+                             tree=TreeParams(3, 3, 8)))
+    ids, pixels = _request(5, with_image=True)
+    plain = target.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=12)
+    assert tri.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=12).token_ids == plain.token_ids
+    ids, _ = _request(6, with_image=False)
+    plain = target.generate(input_ids=ids, max_new_tokens=16).token_ids
+    oracle = Engine(tri.config, tri.model, tri.tokenizer, tri.cache, tri.device, tri.backend,
+                    OracleDrafter(plain + [0] * 16, vocab=target.config.text.vocab_size, corrupt=0.3), TreeParams(3, 5, 11))
+    assert oracle.generate(input_ids=ids, max_new_tokens=16).token_ids == plain

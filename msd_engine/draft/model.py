@@ -37,14 +37,14 @@ class DraftModel:
         return StepState(positions=positions, start=start, prefix_len=start if prefix_len is None else prefix_len,
                          mask=mask, cos=self.cos[positions], sin=self.sin[positions])
 
-    def fuse(self, token_embeds: torch.Tensor, features: torch.Tensor,
-             bypass: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Layer inputs [T, H]: fc(cat(token_embeds, features)); rows where `bypass` [T] is True take
-        `token_embeds` itself (MSD: the raw projector output of an image patch, no fc)."""
-        fused = self.ops.linear(torch.cat([token_embeds, features], dim=-1), self.fc_weight, self.fc_bias)
-        if bypass is not None and self.config.mode == "msd":
-            fused = torch.where(bypass[:, None], token_embeds, fused)
-        return fused
+    def inputs(self, token_ids: torch.Tensor, features: torch.Tensor, image_rows: Optional[torch.Tensor] = None,
+               is_image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Layer inputs [T, H]: fc(cat(embed(token), feature)) + bias. Where `is_image`, the token is
+        an image patch whose embedding is its projector output `image_rows`; in `msd` mode those rows
+        bypass fc entirely (the decoupling), in `eagle` mode they go through fc like text."""
+        return self.ops.draft_inputs(token_ids, self.embed_tokens, features.to(self.fc_weight.dtype),
+                                     None if image_rows is None else image_rows.to(self.fc_weight.dtype),
+                                     is_image, self.fc_weight, self.fc_bias, bypass=self.config.mode == "msd")
 
     def forward(self, x: torch.Tensor, step: StepState, cache: KVCache) -> torch.Tensor:
         """x [T, H] fused inputs -> [T, H] predicted next features (no final norm)."""
@@ -56,7 +56,7 @@ class DraftModel:
         k = ops.rope(k, step.cos, step.sin)
         k_cache, v_cache = cache.layer(0)
         ops.kv_write(k_cache, v_cache, k, v, step.start)
-        attn = ops.cached_attention(q, k_cache, v_cache, step.prefix_len, step.mask)
+        attn = ops.attention(q, k_cache, v_cache, step)
         h = x + ops.linear(attn.reshape(t, cfg.num_heads * d), layer.o_proj)
         mlp_in = ops.rms_norm(h, layer.post_attention_norm, cfg.rms_norm_eps)
         return h + ops.linear(ops.silu_mul(ops.linear(mlp_in, layer.gate_up_proj)), layer.down_proj)

@@ -84,7 +84,7 @@ class LlamaModel:
         q = ops.rope(q, step.cos, step.sin)
         k = ops.rope(k, step.cos, step.sin)
         ops.kv_write(k_cache, v_cache, k, v, step.start)
-        out = ops.cached_attention(q, k_cache, v_cache, step.prefix_len, step.mask)  # [T, Hq, D]
+        out = ops.attention(q, k_cache, v_cache, step)  # [T, Hq, D]
         return ops.linear(out.reshape(t, cfg.num_heads * d), layer.o_proj)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,37 @@ class TorchOps:
         k_cache[:, start:start + t].copy_(k.transpose(0, 1))
         v_cache[:, start:start + t].copy_(v.transpose(0, 1))
 
+    def kv_compact(self, arena: torch.Tensor, start: int, nodes: torch.Tensor) -> None:
+        """Move slot start + nodes[j] to start + j in every layer, K and V: arena [2, L, Hkv, S, D].
+
+        `nodes` ascending (accepted tree nodes, root first). The gather copies before the write, so
+        overlapping ranges are safe.
+        """
+        m = int(nodes.shape[0])
+        arena[:, :, :, start:start + m] = arena[:, :, :, nodes + start]
+
+    # ---- draft head ----------------------------------------------------------------------------
+    def draft_inputs(self, token_ids: torch.Tensor, embed: torch.Tensor, features: torch.Tensor,
+                     image_rows: Optional[torch.Tensor], is_image: Optional[torch.Tensor], fc_weight: torch.Tensor,
+                     fc_bias: torch.Tensor, bypass: bool) -> torch.Tensor:
+        """The draft layer's inputs [T, H]: fc(cat(embed[token] or image row, feature)) + bias; with
+        `bypass` (MSD), image rows skip fc and are the projector output itself."""
+        if is_image is None:
+            rows = embed[token_ids]
+        else:
+            rows = embed[torch.where(is_image, torch.zeros_like(token_ids), token_ids)]
+            if image_rows is not None:
+                rows = torch.where(is_image[:, None], image_rows, rows)
+        fused = self.linear(torch.cat([rows, features], dim=-1), fc_weight, fc_bias)
+        if bypass and is_image is not None:
+            fused = torch.where(is_image[:, None], rows, fused)
+        return fused
+
     # ---- attention ---------------------------------------------------------------------------
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step) -> torch.Tensor:
+        """The step's attention (`step`: a kv_cache.StepState); kernel backends read its packed mask."""
+        return self.cached_attention(q, k_cache, v_cache, step.prefix_len, step.mask)
+
     def cached_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          prefix_len: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Tree-masked attention over the cache. q [T, Hq, D]; caches [Hkv, S, D] (new entries written).

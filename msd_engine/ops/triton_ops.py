@@ -1,4 +1,8 @@
-"""Triton backend: the torch op table with the Triton kernels of `msd_engine.triton_kernels` swapped in."""
+"""Triton backend: the torch op table with the Triton kernels of `msd_engine.triton_kernels` swapped in.
+
+Replaced: RMSNorm (+ residual), SwiGLU, tree-masked attention (split-KV, one pass over each K/V
+block for all T queries of a KV group), all-layer KV compaction, and the fused draft-head input.
+"""
 from __future__ import annotations
 
 import os
@@ -15,9 +19,13 @@ class TritonOps(TorchOps):
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"backend 'triton' needs a CUDA device (got {device}); on a CPU it runs only "
                                "under the Triton interpreter (TRITON_INTERPRET=1, slow, for tests)")
-        from msd_engine.triton_kernels import rms_norm, silu_mul  # modules, not functions
+        # modules, not functions
+        from msd_engine.triton_kernels import draft_fc, kv_compact, rms_norm, silu_mul, tree_attention
         self._rms_norm = rms_norm
         self._silu_mul = silu_mul
+        self._tree_attention = tree_attention
+        self._kv_compact = kv_compact
+        self._draft_fc = draft_fc
 
     def rms_norm(self, x, weight, eps):
         return self._rms_norm.rms_norm(x, weight, eps)
@@ -28,3 +36,18 @@ class TritonOps(TorchOps):
 
     def silu_mul(self, gate_up):
         return self._silu_mul.silu_mul(gate_up)
+
+    def attention(self, q, k_cache, v_cache, step):
+        # The step's mask is bit-packed once (StepState.mask_bits) and shared by every layer.
+        return self._tree_attention.tree_attention(q, k_cache, v_cache, step.prefix_len, step.mask_bits, step.region)
+
+    def cached_attention(self, q, k_cache, v_cache, prefix_len, mask):
+        region = q.shape[0] if mask is None else mask.shape[1]
+        bits = None if mask is None else self._tree_attention.pack_mask(mask)
+        return self._tree_attention.tree_attention(q, k_cache, v_cache, prefix_len, bits, region)
+
+    def kv_compact(self, arena, start, nodes):
+        self._kv_compact.kv_compact(arena, start, nodes)
+
+    def draft_inputs(self, token_ids, embed, features, image_rows, is_image, fc_weight, fc_bias, bypass):
+        return self._draft_fc.draft_fc(token_ids, embed, features, image_rows, is_image, fc_weight, fc_bias, bypass)

@@ -52,10 +52,7 @@ class TreeDrafter:
         model = self.model
         m = token_ids.shape[0]
         self.cache.check_fits(m)
-        embeds = model.embed_tokens[torch.where(is_image, torch.zeros_like(token_ids), token_ids)]
-        if image_embeds is not None:
-            embeds = torch.where(is_image[:, None], image_embeds.to(embeds.dtype), embeds)
-        x = model.fuse(embeds, features.to(embeds.dtype), bypass=is_image)
+        x = model.inputs(token_ids, features, image_embeds, is_image)
         start = self.cache.length
         positions = torch.arange(start, start + m, device=x.device)
         causal = torch.ones(m, m, dtype=torch.bool, device=x.device).tril() if m > 1 else None
@@ -80,7 +77,7 @@ class TreeDrafter:
         ancestors = torch.zeros(tokens.shape[0], 0, dtype=torch.bool, device=device)  # over scratch slots
         for level in range(1, params.depth + 1):
             n = tokens.shape[0]
-            x = model.fuse(model.embed_tokens[tokens], parent_hidden)
+            x = model.inputs(tokens, parent_hidden)
             start = committed + ancestors.shape[1]
             mask = torch.cat([ancestors, torch.eye(n, dtype=torch.bool, device=device)], dim=1)
             positions = torch.full((n,), committed + level - 1, device=device)

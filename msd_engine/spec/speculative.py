@@ -127,7 +127,7 @@ def _speculate_round(model: LlavaModel, cache: KVCache, drafter: Drafter, root: 
         else:
             accepted, bonus = accept_sampling(tree, probabilities(logits, sampler.params), sampler.generator)
         nodes = torch.tensor(accepted, device=logits.device)
-        cache.compact(cache.length, nodes)
+        cache.compact(cache.length, nodes, model.text.ops)
         cache.advance(len(accepted))
         emitted = tree.tokens[nodes[1:]].tolist() + [bonus]
         stats.other_ms += timer.lap()
