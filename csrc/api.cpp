@@ -84,6 +84,22 @@ msd_status check_silu_mul(const void* gate_up, const void* out, int64_t rows, in
     return check_dtype(dtype);
 }
 
+msd_status check_linear(const void* x, const void* weight, const void* out, int64_t m, int64_t n,
+                        int64_t k, int64_t x_row_stride, int64_t weight_row_stride,
+                        int64_t out_row_stride, msd_dtype dtype) {
+    clear_error();
+    CHECK_ARG(check_pointer(x, "x"));
+    CHECK_ARG(check_pointer(weight, "weight"));
+    CHECK_ARG(check_pointer(out, "out"));  // bias may be NULL
+    CHECK_ARG(check_positive(m, "m"));
+    CHECK_ARG(check_positive(n, "n"));
+    CHECK_ARG(check_positive(k, "k"));
+    CHECK_ARG(check_stride(x_row_stride, k, "x_row_stride"));
+    CHECK_ARG(check_stride(weight_row_stride, k, "weight_row_stride"));
+    CHECK_ARG(check_stride(out_row_stride, n, "out_row_stride"));
+    return check_dtype(dtype);
+}
+
 #if !defined(MSD_ENGINE_WITH_CUDA)
 msd_status cuda_not_compiled(const char* function) {
     return set_error(MSD_ERR_NOT_COMPILED,
@@ -115,6 +131,7 @@ const char* msd_status_string(msd_status status) {
         case MSD_ERR_UNSUPPORTED_DTYPE: return "unsupported dtype";
         case MSD_ERR_CUDA: return "CUDA error";
         case MSD_ERR_NOT_COMPILED: return "not compiled";
+        case MSD_ERR_OUT_OF_MEMORY: return "out of memory";
     }
     return "unknown status";
 }
@@ -161,6 +178,33 @@ msd_status msd_silu_mul_cpu(const void* gate_up, void* out, int64_t rows, int64_
                                   dtype));
     return msd::cpu::silu_mul(gate_up, out, rows, inter, gate_up_row_stride, out_row_stride,
                               dtype);
+}
+
+msd_status msd_linear_cpu(const void* x, const void* weight, const void* bias, void* out,
+                          int64_t m, int64_t n, int64_t k, int64_t x_row_stride,
+                          int64_t weight_row_stride, int64_t out_row_stride, msd_dtype dtype,
+                          int num_threads) {
+    CHECK_ARG(msd::check_linear(x, weight, out, m, n, k, x_row_stride, weight_row_stride,
+                                out_row_stride, dtype));
+    return msd::cpu::linear(x, weight, bias, out, m, n, k, x_row_stride, weight_row_stride,
+                            out_row_stride, dtype, num_threads);
+}
+
+msd_status msd_set_cpu_spin_us(int microseconds) {
+    msd::clear_error();
+    if (microseconds < 0 || microseconds > 1000000) {
+        return msd::set_error(MSD_ERR_INVALID_ARGUMENT,
+                              "microseconds must be in [0, 1000000], got %d", microseconds);
+    }
+    msd::cpu::set_spin_microseconds(microseconds);
+    return MSD_OK;
+}
+
+msd_cpu_isa msd_get_cpu_isa(void) { return msd::cpu::get_isa(); }
+
+msd_status msd_set_cpu_isa(int isa) {
+    msd::clear_error();
+    return msd::cpu::set_isa(isa);
 }
 
 #if defined(MSD_ENGINE_WITH_CUDA)

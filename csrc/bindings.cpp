@@ -1,6 +1,7 @@
 // msd_engine._C: the C API as Python functions. Pointers travel as integers (tensor.data_ptr()),
-// dtypes as the ints exported below; a non-OK status raises ValueError (caller's mistake) or
-// RuntimeError (CUDA failure, CUDA not compiled) carrying msd_last_error_message().
+// dtypes as the ints exported below; a non-OK status raises ValueError (caller's mistake),
+// MemoryError, or RuntimeError (CUDA failure, CUDA not compiled) carrying
+// msd_last_error_message().
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -19,6 +20,10 @@ void raise_if_failed(msd_status status) {
         std::string(msd_status_string(status)) + ": " + msd_last_error_message();
     if (status == MSD_ERR_INVALID_ARGUMENT || status == MSD_ERR_UNSUPPORTED_DTYPE) {
         throw py::value_error(message);
+    }
+    if (status == MSD_ERR_OUT_OF_MEMORY) {
+        PyErr_SetString(PyExc_MemoryError, message.c_str());
+        throw py::error_already_set();
     }
     throw std::runtime_error(message);
 }
@@ -60,6 +65,9 @@ PYBIND11_MODULE(_C, m) {
     m.attr("FLOAT32") = static_cast<int>(MSD_FLOAT32);
     m.attr("FLOAT16") = static_cast<int>(MSD_FLOAT16);
     m.attr("BFLOAT16") = static_cast<int>(MSD_BFLOAT16);
+    m.attr("CPU_ISA_SCALAR") = static_cast<int>(MSD_CPU_ISA_SCALAR);
+    m.attr("CPU_ISA_AVX2") = static_cast<int>(MSD_CPU_ISA_AVX2);
+    m.attr("CPU_ISA_AVX512") = static_cast<int>(MSD_CPU_ISA_AVX512);
     const auto nogil = py::call_guard<py::gil_scoped_release>();
 
     m.def("cuda_compiled", [] { return msd_cuda_compiled() != 0; });
@@ -70,4 +78,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("add_rms_norm_cuda", checked(&msd_add_rms_norm_cuda), nogil);
     m.def("silu_mul_cpu", checked(&msd_silu_mul_cpu), nogil);
     m.def("silu_mul_cuda", checked(&msd_silu_mul_cuda), nogil);
+    m.def("linear_cpu", checked(&msd_linear_cpu), nogil);
+    m.def("cpu_isa", [] { return static_cast<int>(msd_get_cpu_isa()); });
+    m.def("set_cpu_isa", checked(&msd_set_cpu_isa));
+    m.def("set_cpu_spin_us", checked(&msd_set_cpu_spin_us));
 }

@@ -24,6 +24,12 @@ msd_status add_rms_norm(const void* x, void* residual, const void* weight, void*
                         msd_dtype dtype);
 msd_status silu_mul(const void* gate_up, void* out, int64_t rows, int64_t inter,
                     int64_t gate_up_row_stride, int64_t out_row_stride, msd_dtype dtype);
+msd_status linear(const void* x, const void* weight, const void* bias, void* out, int64_t m,
+                  int64_t n, int64_t k, int64_t x_row_stride, int64_t weight_row_stride,
+                  int64_t out_row_stride, msd_dtype dtype, int num_threads);
+msd_cpu_isa get_isa();
+msd_status set_isa(int isa);
+void set_spin_microseconds(int microseconds);  // in thread_pool.cpp, checked by api.cpp
 }  // namespace cpu
 
 #if defined(MSD_ENGINE_WITH_CUDA)

@@ -26,7 +26,8 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="compute dtype (default: the converted checkpoint's)")
-    p.add_argument("--backend", default="torch", choices=["torch", "triton", "cuda"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda", "cpu"],
+                   help="op backend (auto: C++ kernels on a CPU, torch on a GPU)")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--draft", default=None, help="converted draft head (msd-engine convert msd-draft) for MSD")
     p.add_argument("--no-spec", action="store_true", help="plain decoding even when --draft is given")
@@ -58,7 +59,7 @@ def _add_tune_parser(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--backend", default="torch", choices=["torch", "triton", "cuda"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda", "cpu"])
 
 
 def run_tune(args: argparse.Namespace) -> int:

@@ -94,7 +94,7 @@ class Engine:
     @classmethod
     def load(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
              dtype: Union[str, torch.dtype, None] = None, max_seq_len: Optional[int] = None,
-             backend: str = "torch", draft: Union[str, Path, None] = None,
+             backend: str = "auto", draft: Union[str, Path, None] = None,
              tree: Optional[TreeParams] = None) -> "Engine":
         """Load a converted model directory (see `msd-engine convert`), and optionally a converted
         draft head (`msd-engine convert msd-draft`) for speculative decoding with tree `tree`."""
@@ -105,6 +105,7 @@ class Engine:
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, config)
         ops = get_ops(backend, dev)
+        backend = ops.name
         seq_len = max_seq_len or min(config.text.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         if seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive, got {seq_len}")

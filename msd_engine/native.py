@@ -9,6 +9,8 @@ Semantics (the roundings match `msd_engine.ops.TorchOps`; see csrc/include/msd_e
   rms_norm:     weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)
   add_rms_norm: residual += x in place, then rms_norm(residual)
   silu_mul:     F.silu(gate) * up for gate_up = [gate | up] along the last dim
+  linear:       F.linear(x, weight, bias), CPU only, summed in float32 (+ bias in float32)
+                and rounded to dtype once; made for a few rows of x (decoding)
 
 `import msd_engine.native` works without the extension; calling a kernel then raises.
 """
@@ -55,12 +57,18 @@ def _cuda_device_count() -> int:
     return int(_lib().cuda_device_count())
 
 
+# Built once: the wrappers run per layer per token, and `linear` ~120 times per token.
+_DTYPE_CODES = {} if _C is None else {
+    torch.float32: _C.FLOAT32, torch.float16: _C.FLOAT16, torch.bfloat16: _C.BFLOAT16}
+_CPU_ISAS = ("scalar", "avx2", "avx512")  # indexed by msd_cpu_isa
+
+
 def _dtype_code(t: torch.Tensor, name: str) -> int:
-    codes = {torch.float32: _lib().FLOAT32, torch.float16: _lib().FLOAT16,
-             torch.bfloat16: _lib().BFLOAT16}
-    if t.dtype not in codes:
+    _lib()  # raises if _C is not built
+    code = _DTYPE_CODES.get(t.dtype)
+    if code is None:
         raise TypeError(f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
-    return codes[t.dtype]
+    return code
 
 
 def _as_rows(t: torch.Tensor, name: str, width: int) -> torch.Tensor:
@@ -179,3 +187,112 @@ def silu_mul(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch
     _kernel("silu_mul", gate_up.device)(g2.data_ptr(), out2.data_ptr(), g2.shape[0], inter,
                                         _row_stride(g2), _row_stride(out2), dtype)
     return out
+
+
+def _row_geometry(shape: torch.Size, strides: tuple, name: str, width: int) -> tuple[int, int]:
+    """(rows, row stride) of a `[..., width]` tensor seen as `[rows, width]`: what `_as_rows`
+    checks, from shape and strides alone, since making a view costs as much as a kernel call."""
+    if not shape or shape[-1] != width:
+        raise ValueError(f"{name} has shape {tuple(shape)}; expected last dim {width}")
+    if strides[-1] != 1 and width > 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {strides}")
+    if len(shape) == 2:
+        return shape[0], strides[0] if shape[0] > 1 else width
+    rows, row_stride = 1, width
+    for d in range(len(shape) - 2, -1, -1):  # innermost leading dim first
+        size = shape[d]
+        if size == 0:
+            return 0, width
+        if size == 1:
+            continue  # its stride is meaningless
+        if rows == 1:
+            row_stride = strides[d]
+        elif strides[d] != row_stride * rows:
+            raise ValueError(
+                f"{name} (shape {tuple(shape)}, strides {strides}) cannot be viewed as "
+                f"[rows, {width}] with one row stride; pass {name}.contiguous()")
+        rows *= size
+    return rows, row_stride
+
+
+def _linear_operand_error(x: torch.Tensor, **others: Optional[torch.Tensor]) -> Exception:
+    """The complaint about the first of x, weight, bias, out on the wrong device or dtype."""
+    if x.dtype not in _DTYPE_CODES:
+        return TypeError(f"x has dtype {x.dtype}; expected float32, float16 or bfloat16")
+    for name, t in {"x": x, **others}.items():
+        if t is not None and not t.is_cpu:
+            return ValueError(f"linear runs on CPU tensors; {name} is on {t.device}")
+        if t is not None and t.dtype != x.dtype:
+            return TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}")
+    raise AssertionError("no operand error to report")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           out: Optional[torch.Tensor] = None, num_threads: int = 0) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for CPU tensors: `x [..., k]`, `weight [n, k]` with
+    contiguous rows, `bias [n]` contiguous -> `[..., n]` (in `out` if given; must not overlap
+    the inputs). Each weight row is read once for all rows of x: made for up to 16 rows.
+    Sums and the bias add are float32, rounded to dtype once. `num_threads <= 0` uses every
+    hardware thread; the result does not depend on it."""
+    # Called ~120 times per decoded token: the checks touch only dtype, device, shape and
+    # strides, and the exact complaint is worked out only once something is wrong.
+    lib = _C or _lib()  # _lib() raises if _C is not built
+    dtype = x.dtype
+    code = _DTYPE_CODES.get(dtype)
+    if (code is None or not x.is_cpu or not weight.is_cpu or weight.dtype is not dtype
+            or (bias is not None and (not bias.is_cpu or bias.dtype is not dtype))
+            or (out is not None and (not out.is_cpu or out.dtype is not dtype))):
+        raise _linear_operand_error(x, weight=weight, bias=bias, out=out)
+    w_shape, w_strides = weight.shape, weight.stride()
+    if len(w_shape) != 2 or w_shape[1] == 0:
+        raise ValueError(f"weight has shape {tuple(w_shape)}; expected [n, k] with k > 0")
+    n, k = w_shape
+    if w_strides[1] != 1 and k > 1:
+        raise ValueError(f"weight must have contiguous rows (stride(1) == 1), got strides "
+                         f"{w_strides}")
+    x_shape = x.shape
+    if x_shape and x_shape[-1] == k and x.is_contiguous():
+        rows, x_row_stride = x.numel() // k, k
+    else:
+        rows, x_row_stride = _row_geometry(x_shape, x.stride(), "x", k)
+    bias_ptr = 0
+    if bias is not None:
+        if bias.shape != (n,) or (n > 1 and bias.stride(0) != 1):
+            raise ValueError(f"bias must be contiguous with shape ({n},), got shape "
+                             f"{tuple(bias.shape)} strides {bias.stride()}")
+        bias_ptr = bias.data_ptr()
+    out_shape = x_shape[:-1] + (n,)
+    if out is None:
+        out = torch.empty(out_shape, dtype=dtype)
+        out_row_stride = n
+    elif out.shape != out_shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}; expected {tuple(out_shape)}")
+    else:
+        out_row_stride = n if out.is_contiguous() else _row_geometry(
+            out_shape, out.stride(), "out", n)[1]
+    if rows == 0 or n == 0:
+        return out
+    lib.linear_cpu(x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), rows, n, k,
+                   x_row_stride, w_strides[0] if n > 1 else k, out_row_stride, code, num_threads)
+    return out
+
+
+def set_cpu_spin_us(microseconds: int) -> None:
+    """How long the CPU thread pool's idle workers poll before sleeping (default 100 us: they
+    stay awake through a decode step's linear calls). Lower it when torch's own threads need
+    the cores between our calls; 0 sleeps at once. Process-wide."""
+    _lib().set_cpu_spin_us(int(microseconds))
+
+
+def cpu_isa() -> str:
+    """The SIMD path of the CPU kernels with several: "avx512", "avx2" or "scalar"."""
+    return _CPU_ISAS[_lib().cpu_isa()]
+
+
+def set_cpu_isa(isa: Optional[str]) -> None:
+    """Testing hook: forces the CPU kernels' SIMD path ("scalar", "avx2", "avx512"), or the
+    best this CPU supports for None. ValueError if this CPU or build cannot run `isa`.
+    Process-wide: not for use while kernels run on other threads."""
+    if isa is not None and isa not in _CPU_ISAS:
+        raise ValueError(f"isa must be one of {_CPU_ISAS} or None, got {isa!r}")
+    _lib().set_cpu_isa(-1 if isa is None else _CPU_ISAS.index(isa))

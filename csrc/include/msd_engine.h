@@ -27,7 +27,8 @@ typedef enum {
     MSD_ERR_INVALID_ARGUMENT,
     MSD_ERR_UNSUPPORTED_DTYPE,
     MSD_ERR_CUDA,
-    MSD_ERR_NOT_COMPILED
+    MSD_ERR_NOT_COMPILED,
+    MSD_ERR_OUT_OF_MEMORY
 } msd_status;
 
 typedef enum { MSD_FLOAT32, MSD_FLOAT16, MSD_BFLOAT16 } msd_dtype;
@@ -81,6 +82,44 @@ msd_status msd_silu_mul_cpu(const void* gate_up, void* out, int64_t rows, int64_
 msd_status msd_silu_mul_cuda(const void* gate_up, void* out, int64_t rows, int64_t inter,
                              int64_t gate_up_row_stride, int64_t out_row_stride, msd_dtype dtype,
                              void* stream);
+
+/* Linear layer (torch's F.linear) for a few rows of x, streaming the weight once:
+ *     out[i, j] = round_dtype(sum_c float(x[i, c]) * float(weight[j, c]) + float(bias[j]))
+ * for i < m, j < n, c < k. x is [m, k], weight [n, k] (torch's Linear layout), bias [n]
+ * contiguous or NULL, out [m, n]. The sum and the bias add are in float32 and rounded to dtype
+ * once at the end (for float32 the result differs from torch's only by summation order: 16
+ * interleaved partial sums on the AVX-512 path, 8 on the others, then a tree).
+ * Made for m <= 16 (decoding): each weight row is read from memory once for all m rows of x;
+ * larger m is correct but slower than a real GEMM.
+ * Runs on the calling thread and up to `num_threads - 1` workers of a pool inside the library
+ * (<= 0: one thread per hardware thread; problems under ~32k weights run on the calling thread
+ * alone), which claim contiguous chunks of output columns as they become free; a worker that
+ * has gone to sleep (see msd_set_cpu_spin_us) is woken only for calls reading >= 1 MiB of
+ * weights. Each output is computed the same way whichever thread runs it: the result depends
+ * on the SIMD path (msd_get_cpu_isa) but not on the threads. Concurrent calls from several
+ * threads are serialised. `out` must not overlap x, weight or bias. */
+msd_status msd_linear_cpu(const void* x, const void* weight, const void* bias, void* out,
+                          int64_t m, int64_t n, int64_t k, int64_t x_row_stride,
+                          int64_t weight_row_stride, int64_t out_row_stride, msd_dtype dtype,
+                          int num_threads);
+
+/* How long the CPU thread pool's idle workers poll for work before they sleep, in [0, 10^6]
+ * microseconds (default 100: covers the gaps between the linear calls of one decode step, so
+ * workers stay awake through a step and sleep between steps). Lower it when other threads
+ * (torch's) need the cores between our calls; 0 sleeps at once. Process-wide. */
+msd_status msd_set_cpu_spin_us(int microseconds);
+
+/* SIMD code paths of the CPU kernels that have several (so far msd_linear_cpu). */
+typedef enum { MSD_CPU_ISA_SCALAR = 0, MSD_CPU_ISA_AVX2 = 1, MSD_CPU_ISA_AVX512 = 2 } msd_cpu_isa;
+
+/* The path in use: the best one this CPU and build support, unless msd_set_cpu_isa forced
+ * another. AVX2 means AVX2 + FMA + F16C; AVX512 means AVX-512 F/BW/VL + FMA + F16C. */
+msd_cpu_isa msd_get_cpu_isa(void);
+
+/* Testing hook: forces `isa` (an msd_cpu_isa) for later calls, or -1 to restore the best one.
+ * Fails with MSD_ERR_INVALID_ARGUMENT when this CPU or build cannot run `isa`. Process-wide;
+ * not meant to be called while kernels run on other threads. */
+msd_status msd_set_cpu_isa(int isa);
 
 #ifdef __cplusplus
 } /* extern "C" */

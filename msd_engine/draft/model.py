@@ -48,6 +48,10 @@ class DraftModel:
 
     def forward(self, x: torch.Tensor, step: StepState, cache: KVCache) -> torch.Tensor:
         """x [T, H] fused inputs -> [T, H] predicted next features (no final norm)."""
+        with self.ops.step_scope(step.num_tokens):
+            return self._forward(x, step, cache)
+
+    def _forward(self, x: torch.Tensor, step: StepState, cache: KVCache) -> torch.Tensor:
         ops, cfg, layer = self.ops, self.config, self.layer
         t, d = x.shape[0], cfg.head_dim
         qkv = ops.linear(x, layer.qkv_proj)
@@ -63,4 +67,5 @@ class DraftModel:
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, V] float32 log-probabilities through the target's lm_head."""
-        return torch.log_softmax(self.ops.linear(hidden, self.lm_head).float(), dim=-1)
+        with self.ops.step_scope(hidden.shape[0]):
+            return torch.log_softmax(self.ops.linear(hidden, self.lm_head).float(), dim=-1)

@@ -64,6 +64,10 @@ class LlamaModel:
 
     def forward(self, x: torch.Tensor, step: StepState, cache: KVCache) -> torch.Tensor:
         """x [T, H] input embeddings -> [T, H] final-normed hidden states; writes T cache slots."""
+        with self.ops.step_scope(step.num_tokens):
+            return self._forward(x, step, cache)
+
+    def _forward(self, x: torch.Tensor, step: StepState, cache: KVCache) -> torch.Tensor:
         ops, cfg = self.ops, self.config
         residual = x.clone()  # backends may accumulate into the residual in place; x stays the caller's
         h = ops.rms_norm(x, self.layers[0].input_norm, cfg.rms_norm_eps)
@@ -89,4 +93,5 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, V] in float32 (sampling and comparisons are done in float32)."""
-        return self.ops.linear(hidden, self.lm_head).float()
+        with self.ops.step_scope(hidden.shape[0]):
+            return self.ops.linear(hidden, self.lm_head).float()

@@ -5,7 +5,8 @@ so float32 logits agree with `LlavaForConditionalGeneration` to rounding.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,10 @@ class TorchOps:
     """Op table over plain torch. Subclasses replace single ops with hand-written kernels."""
 
     name = "torch"
+
+    def step_scope(self, num_tokens: int) -> ContextManager:
+        """Entered around one forward step of `num_tokens` rows (a backend may set threading)."""
+        return contextlib.nullcontext()
 
     # ---- elementwise and normalisation -------------------------------------------------------
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
