@@ -30,6 +30,12 @@ class SpecStats(GenerationStats):
     tree_nodes: int = 0
 
     @property
+    def decode_tokens_per_s(self) -> float:
+        # Every token after the prefill's comes from the rounds: drafting, verifying, accepting.
+        ms = self.draft_ms + self.verify_ms + self.other_ms
+        return max(self.new_tokens - 1, 0) / (ms / 1e3) if ms > 0 else 0.0
+
+    @property
     def tau(self) -> float:
         """Mean tokens emitted per verify forward, the bonus token counted."""
         total = sum(n * c for n, c in self.accepted_histogram.items())
