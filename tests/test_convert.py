@@ -23,9 +23,8 @@ from tokenizers import Tokenizer
 from msd_engine.config import ModelConfig
 from msd_engine.convert import common
 from msd_engine.convert.cli import add_convert_parser, run_convert
-from msd_engine.convert.common import (
-    CLIP_VISION_DEFAULTS, LLAMA_DEFAULTS, ConversionError, clip_vision_fields, llama_text_fields, rope_theta,
-)
+from msd_engine.convert.common import ConversionError
+from msd_engine.convert.hf_config import CLIP_VISION_DEFAULTS, LLAMA_DEFAULTS, clip_vision_fields, llama_text_fields, rope_theta
 from msd_engine.convert.gguf_llama import convert_gguf, unpermute_rope
 from msd_engine.convert.llava_hf import LLAVA_VISION_DEFAULTS, convert_llava_hf
 from msd_engine.convert.llava_orig import convert_llava_original

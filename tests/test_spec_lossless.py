@@ -8,7 +8,7 @@ import torch
 
 from msd_engine import Engine
 from msd_engine.spec.tree import TreeParams
-from tests.factories import IMAGE_TOKEN_ID, SPECS, image_tokens
+from tests.factories import IMAGE_TOKEN_ID, SPECS
 from tests.spec_doubles import OracleDrafter, write_random_draft
 
 TREES = [TreeParams(1, 1, 2), TreeParams(4, 3, 12), TreeParams(10, 5, 60), TreeParams(3, 6, 30)]

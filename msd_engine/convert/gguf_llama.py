@@ -15,7 +15,8 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from msd_engine.config import ModelConfig, TextConfig
-from msd_engine.convert.common import ConversionError, build_config, check_destination, progress_bar, save_converted
+from msd_engine.convert.common import ConversionError, check_destination, progress_bar, save_converted
+from msd_engine.convert.hf_config import build_config
 from msd_engine.convert.tokenizer_files import tokenizer_json_from_gguf
 
 ARCH = "llama"

@@ -15,11 +15,8 @@ from typing import Any
 import torch
 
 from msd_engine.config import ModelConfig, ProjectorConfig, TextConfig, VisionConfig
-from msd_engine.convert.common import (
-    ConversionError, build_config, check_destination, clip_name_map, clip_unused, clip_vision_fields,
-    image_norm_fields, llama_name_map, llama_text_fields, llama_unused, load_tokenizer_json, read_checkpoint,
-    read_json, read_optional_json, rename_tensors, require_dir, save_converted, special_token_ids,
-)
+from msd_engine.convert.common import ConversionError, check_destination, clip_name_map, clip_unused, llama_name_map, llama_unused, load_tokenizer_json, read_checkpoint, read_json, read_optional_json, rename_tensors, require_dir, save_converted
+from msd_engine.convert.hf_config import build_config, clip_vision_fields, image_norm_fields, llama_text_fields, special_token_ids
 from msd_engine.weights import expected_shapes
 
 TEXT_PREFIX = "model."

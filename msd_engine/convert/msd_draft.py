@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from msd_engine.config import DTYPES
-from msd_engine.convert.common import (LLAMA_DEFAULTS, ConversionError, atomic_output_dir, check_destination,
-                                       hf_get, progress_bar, read_checkpoint, read_json, require_dir, rope_theta)
+from msd_engine.convert.common import ConversionError, atomic_output_dir, check_destination, progress_bar, read_checkpoint, read_json, require_dir
+from msd_engine.convert.hf_config import LLAMA_DEFAULTS, hf_get, rope_theta
 from msd_engine.draft.config import DraftConfig
 from msd_engine.draft.weights import DRAFT_WEIGHTS_FILE, check_draft_tensors, draft_expected_shapes
 from msd_engine.weights import CONFIG_FILE
