@@ -1,0 +1,1 @@
+"""Two-stage MSD draft training: a differentiable draft head, its loss, the curriculum, the loop."""

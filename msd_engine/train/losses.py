@@ -1,0 +1,62 @@
+"""The MSD/EAGLE draft loss and training-time input noise.
+
+Alignment (all tensors indexed by draft position i = target position i, see `records.py`):
+draft position i reads token i+1 and the target feature at i, so its output `pred[i]` is compared
+with `target_features[i+1]`, the target's feature one step later. Prediction i is weighted by
+`loss_mask[i+1]`, the mask of the position whose feature it predicts: it is 1 only where that
+feature belongs to an assistant (response) token, so the draft is never trained to predict
+features of the BOS, the image span or the instructions (which the target reads, not generates).
+The last prediction (i = N-1) has no next feature and is always excluded.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CE_WEIGHT = 0.1        # soft cross-entropy weight beside the feature regression (MSD / EAGLE)
+NOISE_SCALE = 0.2      # uniform noise width at the reference length
+NOISE_REF_LEN = 512    # ... scaled by NOISE_REF_LEN / seq_len
+
+
+def draft_loss(pred: torch.Tensor, target_features: torch.Tensor, loss_mask: torch.Tensor,
+               lm_head: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """pred, target_features [B, N, H], loss_mask [B, N], lm_head [V, H] (frozen) -> (loss, stats).
+
+    loss = mean over weighted positions of SmoothL1(pred[i], target[i+1]) (mean over H)
+           + CE_WEIGHT * soft-CE(softmax(lm_head(target[i+1])), log_softmax(lm_head(pred[i]))).
+    stats: loss, feature_loss, ce_loss, acc (top-1 agreement of the two logits), positions."""
+    if pred.shape != target_features.shape or loss_mask.shape != pred.shape[:2]:
+        raise ValueError(f"pred {list(pred.shape)}, target_features {list(target_features.shape)} and "
+                         f"loss_mask {list(loss_mask.shape)} disagree (expected [B, N, H], [B, N, H], [B, N])")
+    p = pred[:, :-1]                                      # [B, N-1, H] predictions with a next feature
+    t = target_features[:, 1:].to(p.dtype)                # [B, N-1, H]
+    w = loss_mask[:, 1:].to(torch.float32)                # [B, N-1] mask of the NEXT position
+    denom = w.sum().clamp_min(1.0)
+    # Selecting (not multiplying) keeps masked positions out of the graph: a NaN there cannot leak.
+    sel = w > 0
+    lm_head = lm_head.detach()  # the target's head is frozen: no gradient ever reaches it
+    p, t, w = p[sel], t[sel], w[sel]                      # [M, H], [M, H], [M]
+    feature = F.smooth_l1_loss(p.float(), t.float(), reduction="none").mean(-1)  # [M]
+    with torch.no_grad():
+        target_logits = (t @ lm_head.to(t.dtype).T).float()                       # [M, V]
+        target_p = target_logits.softmax(-1)
+    pred_logits = (p @ lm_head.to(p.dtype).T).float()                             # [M, V]
+    ce = -(target_p * pred_logits.log_softmax(-1)).sum(-1)                        # [M]
+    feature_loss = (feature * w).sum() / denom
+    ce_loss = (ce * w).sum() / denom
+    loss = feature_loss + CE_WEIGHT * ce_loss
+    with torch.no_grad():
+        agree = (pred_logits.argmax(-1) == target_logits.argmax(-1)).float()
+        acc = (agree * w).sum() / denom
+    stats = {"loss": float(loss.detach()), "feature_loss": float(feature_loss.detach()),
+             "ce_loss": float(ce_loss.detach()),
+             "acc": float(acc), "positions": int(sel.sum())}
+    return loss, stats
+
+
+def input_noise(features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """features [..., N, H] + (U - 0.5) * 0.2 * 512 / N, U ~ Uniform[0, 1) (the reference's
+    AddUniformNoise, applied to the draft's input features only, never to the targets)."""
+    n = features.shape[-2]
+    u = torch.rand(features.shape, generator=generator, dtype=torch.float32).to(features.device, features.dtype)
+    return features + (u - 0.5) * NOISE_SCALE * NOISE_REF_LEN / n

@@ -1,0 +1,163 @@
+"""`DraftModule`: the draft head as a differentiable torch module over whole sequences (no KV cache).
+
+Same computation as `msd_engine.draft.model.DraftModel` (fc fusion or the MSD visual bypass, one
+Llama layer without input norm, causal MHA with RoPE, post-attention RMSNorm, SwiGLU, no final
+norm), batched. Its parameter names are the released checkpoint keys, so `state_dict()` is the
+released format (`embed_tokens.weight` frozen).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msd_engine.draft.config import DraftConfig
+from msd_engine.draft.weights import check_draft_tensors
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics, as the inference ops compute them
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.config = config
+        self.q_proj = nn.Linear(h, config.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        b, n, _ = x.shape
+        d = cfg.head_dim
+        q = self.q_proj(x).view(b, n, cfg.num_heads, d).transpose(1, 2)      # [B, Hq, N, D]
+        k = self.k_proj(x).view(b, n, cfg.num_kv_heads, d).transpose(1, 2)   # [B, Hkv, N, D]
+        v = self.v_proj(x).view(b, n, cfg.num_kv_heads, d).transpose(1, 2)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        groups = cfg.num_heads // cfg.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d)                         # [B, Hq, N, N]
+        scores = scores.float().masked_fill(~mask[:, None], float("-inf"))
+        attn = scores.softmax(-1).to(v.dtype) @ v                               # [B, Hq, N, D]
+        return self.o_proj(attn.transpose(1, 2).reshape(b, n, cfg.num_heads * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, f, bias=False)
+        self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftLayer(nn.Module):
+    """x = x + attn(x); x = x + mlp(post_attention_layernorm(x)): no input norm."""
+
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask):
+        h = x + self.self_attn(x, cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, N, D]; cos/sin [N, D] (transformers' rotate_half layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rotary(config: DraftConfig, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [N, D] for positions 0..n-1, computed in float32 like `rotary_tables`, then cast."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq[None]
+    emb = torch.cat((freqs, freqs), dim=-1).to(device)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class DraftModule(nn.Module):
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, h)
+        self.embed_tokens.weight.requires_grad_(False)  # a frozen copy of the target's embedding
+        self.fc = nn.Linear(2 * h, h, bias=True)         # columns: embedding first, then the feature
+        self.layers = nn.ModuleList([DraftLayer(config)])
+
+    @classmethod
+    def from_config(cls, config: DraftConfig, target_embed: torch.Tensor, seed: int = 0,
+                    std: float = 0.02) -> "DraftModule":
+        """Random layer weights (training's start), embedding copied from the target's."""
+        from msd_engine.draft.init import init_draft_weights
+
+        module = cls(config)
+        module.load_weights(init_draft_weights(config, target_embed, seed, std))
+        return module
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Strict: exactly the released keys with the config's shapes."""
+        check_draft_tensors({k: tuple(v.shape) for k, v in weights.items()}, self.config, "DraftModule.load_weights")
+        with torch.no_grad():
+            for name, param in self.state_dict(keep_vars=True).items():
+                param.copy_(weights[name])
+
+    def inputs(self, token_ids: torch.Tensor, features: torch.Tensor, image_rows: Optional[torch.Tensor],
+               is_image: Optional[torch.Tensor]) -> torch.Tensor:
+        """[B, N, H] layer inputs: fc(cat(embed(token) or image row, feature)); in `msd` mode image
+        rows bypass fc (the decoupling), in `eagle` mode they go through it."""
+        if is_image is None:
+            rows = self.embed_tokens(token_ids)
+        else:
+            rows = self.embed_tokens(torch.where(is_image, torch.zeros_like(token_ids), token_ids))
+            if image_rows is not None:
+                rows = torch.where(is_image[..., None], image_rows.to(rows.dtype), rows)
+        fused = self.fc(torch.cat([rows, features.to(rows.dtype)], dim=-1))
+        if self.config.mode == "msd" and is_image is not None:
+            fused = torch.where(is_image[..., None], rows, fused)
+        return fused
+
+    def forward(self, token_ids: torch.Tensor, features: torch.Tensor, image_rows: Optional[torch.Tensor] = None,
+                is_image: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """token_ids [B, N], features [B, N, H] -> predicted next features [B, N, H].
+
+        attention_mask [B, N] (1 = real token) masks right padding out of the keys; positions are
+        0..N-1 per row (left-aligned sequences)."""
+        if token_ids.dim() != 2 or features.shape[:2] != token_ids.shape:
+            raise ValueError(f"token_ids [B, N] and features [B, N, H] expected, got {list(token_ids.shape)} "
+                             f"and {list(features.shape)}")
+        b, n = token_ids.shape
+        x = self.inputs(token_ids, features, image_rows, is_image)
+        mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril().expand(b, n, n)
+        if attention_mask is not None:
+            # keep the diagonal so padded queries never see an all -inf row (their outputs are ignored)
+            mask = mask & (attention_mask.bool()[:, None, :] | torch.eye(n, dtype=torch.bool, device=x.device))
+        cos, sin = rotary(self.config, n, x.dtype, x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return x

@@ -1,0 +1,97 @@
+"""DraftModule (training) computes exactly what the inference drafter computes, in the released format."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from msd_engine import Engine
+from msd_engine.draft.config import DraftConfig
+from msd_engine.draft.init import draft_config_for
+from msd_engine.draft.weights import draft_expected_shapes
+from msd_engine.spec.speculative import prompt_draft_inputs
+from msd_engine.train.module import DraftModule
+from tests.factories import IMAGE_TOKEN_ID, SPECS, image_tokens
+from tests.spec_doubles import write_random_draft
+
+
+@pytest.fixture(scope="module")
+def target(tiny_llava_dir):
+    return Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=96)
+
+
+def _image_prompt(model):
+    spec = SPECS["gqa"]
+    g = torch.Generator().manual_seed(3)
+    text = torch.randint(3, 32000, (9,), generator=g).tolist()
+    ids = torch.tensor([1] + text[:2] + [IMAGE_TOKEN_ID] * image_tokens(spec) + text[2:])
+    pixels = torch.randn(1, 3, spec.image_size, spec.image_size, generator=g)
+    return ids, pixels
+
+
+@pytest.mark.parametrize("mode", ["msd", "eagle"])
+def test_module_matches_tree_drafter_extend(tiny_llava_dir, target, tmp_path, mode):
+    draft_dir = write_random_draft(target, tmp_path / mode, mode, seed=5)
+    engine = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=96, draft=draft_dir)
+    model = engine.model
+    ids, pixels = _image_prompt(model)
+    n = ids.shape[0]
+    with torch.inference_mode():
+        embeds = model.input_embeds(ids, model.image_features(pixels))
+        engine.cache.reset()
+        step = model.text.plan_step(torch.arange(n), 0, torch.ones(n, n, dtype=torch.bool).tril())
+        features = model.text.forward(embeds, step, engine.cache)
+        inputs = prompt_draft_inputs(ids, embeds, 123, IMAGE_TOKEN_ID)
+        engine.drafter.reset()
+        expected = engine.drafter.extend(*inputs, features).clone()
+    token_ids, rows, is_image = (t.clone() for t in inputs)
+    assert is_image.sum() == image_tokens(SPECS["gqa"])
+
+    module = DraftModule(engine.drafter.model.config)
+    module.load_weights(load_file(str(draft_dir / "model.safetensors")))
+    got = module(token_ids[None], features.clone()[None], rows[None], is_image[None])[0]
+    torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=1e-5)
+    # padding on the right changes nothing for the real positions
+    pad = 5
+    padded = module(torch.nn.functional.pad(token_ids, (0, pad))[None],
+                    torch.nn.functional.pad(features.clone(), (0, 0, 0, pad))[None],
+                    torch.nn.functional.pad(rows.clone(), (0, 0, 0, pad))[None],
+                    torch.nn.functional.pad(is_image, (0, pad))[None],
+                    torch.arange(n + pad)[None] < n)[0, :n]
+    torch.testing.assert_close(padded.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_is_the_released_format(target):
+    config = draft_config_for(target.config, "msd")
+    module = DraftModule.from_config(config, target.model.text.embed_tokens)
+    state = module.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == draft_expected_shapes(config)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == set(state) - {"embed_tokens.weight"}
+    torch.testing.assert_close(state["embed_tokens.weight"], target.model.text.embed_tokens)
+
+
+def test_load_weights_is_strict():
+    config = DraftConfig(hidden_size=16, intermediate_size=24, num_heads=2, num_kv_heads=2, vocab_size=50)
+    module = DraftModule(config)
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    del weights["fc.bias"]
+    with pytest.raises(ValueError, match="fc.bias"):
+        module.load_weights(weights)
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    weights["fc.weight"] = torch.zeros(16, 16)
+    with pytest.raises(ValueError, match="fc.weight"):
+        module.load_weights(weights)
+
+
+def test_gqa_forward_runs_and_is_causal():
+    config = DraftConfig(hidden_size=16, intermediate_size=24, num_heads=4, num_kv_heads=2, vocab_size=50)
+    module = DraftModule.from_config(config, torch.randn(50, 16), std=0.2)
+    ids = torch.randint(0, 50, (2, 7))
+    feats = torch.randn(2, 7, 16)
+    out = module(ids, feats)
+    feats2 = feats.clone()
+    feats2[:, 4:] += 1.0
+    out2 = module(ids, feats2)
+    torch.testing.assert_close(out[:, :4], out2[:, :4])
+    assert not torch.allclose(out[:, 4:], out2[:, 4:])
