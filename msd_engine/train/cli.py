@@ -1,0 +1,169 @@
+"""`msd-engine train-data | train | eval-draft`: record shards, train a draft head, measure its tau."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+TRAIN_COMMANDS = ("train-data", "train", "eval-draft")
+DEVICES = ["cpu", "cuda"]
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="converted target model directory")
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="target dtype (default: the checkpoint's)")
+
+
+def add_train_parsers(sub) -> None:
+    p = sub.add_parser("train-data", help="record target features of conversations into training shards")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, type=Path, help="ShareGPT- or LLaVA-style JSON")
+    p.add_argument("--images", type=Path, default=None, help="image folder (default: the JSON's folder)")
+    p.add_argument("--out", required=True, type=Path, help="shard directory (resumed when it has a manifest)")
+    p.add_argument("--max-len", type=int, default=2048, help="skip conversations longer than this (tokens)")
+    p.add_argument("--regenerate", action="store_true", help="replace answers by the target's greedy answers")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit with --regenerate")
+    p.add_argument("--shard-size", type=int, default=256, help="records per shard")
+
+    p = sub.add_parser("train", help="train a draft head on recorded shards")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, type=Path, help="shard directory (msd-engine train-data)")
+    p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, metrics)")
+    p.add_argument("--mode", default="msd", choices=["msd", "eagle"])
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--text-epochs", type=int, default=None, help="text-only epochs (default: epochs // 2)")
+    p.add_argument("--ramp-epochs", type=int, default=None,
+                   help="epochs ramping in visual samples (default: the rest but one)")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--warmup", type=int, default=2000, help="warmup steps")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+
+    p = sub.add_parser("eval-draft", help="acceptance length (tau) of a converted draft on prompts")
+    _add_model_args(p)
+    p.add_argument("--draft", required=True, type=Path, help="converted draft (msd-engine convert msd-draft)")
+    p.add_argument("--prompts", required=True, type=Path, help='JSON list of {"prompt": ..., "image": optional}')
+    p.add_argument("--image-dir", type=Path, default=None, help="images folder (default: the JSON's folder)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    return {"train-data": run_train_data, "train": run_train, "eval-draft": run_eval_draft}[args.command](args)
+
+
+def _positive(**values: int) -> None:
+    for name, v in values.items():
+        if v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+
+
+def _dataset_source(path: Path, images) -> dict:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return {"data": path.name, "sha256": digest, "images": None if images is None else str(images)}
+
+
+def run_train_data(args: argparse.Namespace) -> int:
+    from msd_engine.engine import Engine
+    from msd_engine.train.data import build_shards, read_conversations
+
+    _positive(max_len=args.max_len, shard_size=args.shard_size, max_new_tokens=args.max_new_tokens)
+    conversations, skips = read_conversations(args.data, args.images)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_len)
+    writer = build_shards(engine, conversations, args.out, max_len=args.max_len, records_per_shard=args.shard_size,
+                          regenerate=args.regenerate, max_new_tokens=args.max_new_tokens,
+                          source=_dataset_source(args.data, args.images), progress=True)
+    records = sum(s["records"] for s in writer.shards)
+    counts = {k: v + getattr(writer.skips, k) for k, v in skips.to_dict().items()}
+    print(f"{records} records in {len(writer.shards)} shard(s) at {args.out}")
+    print("skipped: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (total {sum(counts.values())})")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from msd_engine.draft.init import draft_config_for
+    from msd_engine.engine import Engine
+    from msd_engine.train.curriculum import Curriculum
+    from msd_engine.train.data import read_shards
+    from msd_engine.train.plot import plot_metrics
+    from msd_engine.train.trainer import METRICS_FILE, train_draft
+
+    _positive(epochs=args.epochs, batch_size=args.batch_size)
+    text = args.text_epochs if args.text_epochs is not None else args.epochs // 2
+    ramp = args.ramp_epochs if args.ramp_epochs is not None else max(0, args.epochs - text - 1)
+    curriculum = Curriculum(text, ramp, args.epochs)  # validates the epoch split
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=16)
+    records = read_shards(args.data, hidden_size=engine.config.text.hidden_size)
+    config = draft_config_for(engine.config, args.mode)
+    text_model = engine.model.text
+    result = train_draft(records, text_model.lm_head, text_model.embed_tokens, config, args.out, epochs=args.epochs,
+                         lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size, curriculum=curriculum,
+                         save_every=args.save_every, seed=args.seed, resume=args.resume)
+    metrics = Path(args.out) / METRICS_FILE
+    png = plot_metrics(metrics, metrics.with_suffix(".png"))
+    print(f"{len(records)} records, {result.step} steps; metrics {metrics}, plot {png}")
+    print(f"final checkpoint: {result.checkpoint} (msd-engine convert msd-draft {result.checkpoint} DST "
+          f"--mode {args.mode})")
+    return 0
+
+
+def _read_prompts(path: Path, image_dir) -> list[tuple[str, Path | None]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: prompts file not found")
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: expected a non-empty JSON list of {{\"prompt\": ..., \"image\": ...}}")
+    root = Path(image_dir) if image_dir is not None else path.parent
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise ValueError(f"{path}: item {i} has no string 'prompt'")
+        image = item.get("image")
+        if image is not None and not (root / image).is_file():
+            raise FileNotFoundError(f"{root / image}: image of prompt {i} not found")
+        out.append((item["prompt"], None if image is None else root / image))
+    return out
+
+
+def _summary(stats: list[dict]) -> dict:
+    hist: dict[int, int] = {}
+    for s in stats:
+        for k, v in s["accepted_histogram"].items():
+            hist[int(k)] = hist.get(int(k), 0) + v
+    forwards = sum(hist.values())
+    return {"prompts": len(stats), "verify_forwards": forwards,
+            "tau": sum(k * v for k, v in hist.items()) / forwards if forwards else 0.0,
+            "tau_per_prompt_mean": sum(s["tau"] for s in stats) / len(stats) if stats else 0.0,
+            "accepted_histogram": {str(k): hist[k] for k in sorted(hist)}}
+
+
+def run_eval_draft(args: argparse.Namespace) -> int:
+    from msd_engine.engine import Engine
+
+    _positive(max_new_tokens=args.max_new_tokens)
+    prompts = _read_prompts(args.prompts, args.image_dir)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, draft=args.draft)
+    groups: dict[str, list[dict]] = {"with_image": [], "text_only": []}
+    for prompt, image in prompts:
+        result = engine.generate(prompt, image=image, max_new_tokens=args.max_new_tokens, speculative=True)
+        groups["with_image" if image is not None else "text_only"].append(result.stats)
+    report = {name: _summary(stats) for name, stats in groups.items()}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for name, r in report.items():
+        if not r["prompts"]:
+            print(f"{name}: no prompts")
+            continue
+        hist = " ".join(f"{k}:{v}" for k, v in r["accepted_histogram"].items())
+        print(f"{name}: {r['prompts']} prompts, tau {r['tau']:.3f} (per-prompt mean {r['tau_per_prompt_mean']:.3f}), "
+              f"accepted per forward [{hist}]")
+    return 0

@@ -1,0 +1,36 @@
+"""Training curves from `metrics.jsonl` (one JSON object per step): loss terms and top-1 accuracy."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
+    """Write a PNG with the loss (total, feature, 0.1 x CE) and the draft's top-1 agreement per step."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise RuntimeError("plotting needs matplotlib: pip install matplotlib (or the 'test' extra)") from e
+    matplotlib.use("Agg")  # no display: render to a file
+    import matplotlib.pyplot as plt
+
+    path = Path(metrics_jsonl)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics file")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: no metrics to plot")
+    steps = [r["step"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "feature_loss", "ce_loss"):
+        if key in rows[0]:
+            ax_loss.plot(steps, [r[key] for r in rows], label=key, linewidth=1)
+    ax_loss.set(xlabel="step", ylabel="loss", title="draft loss", yscale="log")
+    ax_loss.legend()
+    ax_acc.plot(steps, [r["acc"] for r in rows], color="tab:green", linewidth=1)
+    ax_acc.set(xlabel="step", ylabel="top-1 agreement", title="draft top-1 accuracy", ylim=(0, 1))
+    fig.tight_layout()
+    out = Path(out_png)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

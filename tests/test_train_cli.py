@@ -1,0 +1,62 @@
+"""`msd-engine train-data -> train -> convert msd-draft -> eval-draft` end to end on the tiny LLaVA."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from msd_engine.cli import main
+from tests.test_train_data import make_dataset
+
+
+def test_end_to_end(tiny_llava_dir, tmp_path, capsys):
+    data = make_dataset(tmp_path)
+    shards, run, draft = tmp_path / "shards", tmp_path / "run", tmp_path / "draft"
+    assert main(["train-data", "--model", str(tiny_llava_dir), "--data", str(data), "--images", str(tmp_path / "img"),
+                 "--out", str(shards), "--max-len", "200", "--shard-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 records in 2 shard(s)" in out and "too_long 1" in out and "missing_image 1" in out
+    assert main(["train", "--model", str(tiny_llava_dir), "--data", str(shards), "--out", str(run), "--epochs", "3",
+                 "--lr", "1e-3", "--warmup", "2"]) == 0
+    out = capsys.readouterr().out
+    ckpt = run / out.split("final checkpoint: ")[1].split(" ")[0].split("/")[-1]
+    assert (ckpt / "model.safetensors").is_file() and (run / "metrics.jsonl").is_file()
+    assert (run / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["convert", "msd-draft", str(ckpt), str(draft), "--dtype", "float32"]) == 0
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(tmp_path / "blue.png")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "Hi"}, {"prompt": "What is this?", "image": "blue.png"}]))
+    capsys.readouterr()
+    base = ["eval-draft", "--model", str(tiny_llava_dir), "--draft", str(draft), "--prompts", str(prompts),
+            "--max-new-tokens", "8"]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "with_image: 1 prompts, tau" in out and "text_only: 1 prompts, tau" in out
+    assert main(base + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for group in ("with_image", "text_only"):
+        r = report[group]
+        assert r["prompts"] == 1 and r["tau"] >= 1.0
+        assert sum(int(k) * v for k, v in r["accepted_histogram"].items()) / r["verify_forwards"] == r["tau"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["train-data", "--model", "M", "--data", "D.json"],                 # --out missing
+    ["train", "--model", "M", "--data", "S", "--out", "O", "--mode", "medusa"],
+    ["eval-draft", "--model", "M", "--prompts", "P.json"],              # --draft missing
+    ["train", "--model", "M", "--data", "S", "--out", "O", "--epochs", "x"],
+])
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_bad_values_exit_2_with_one_line(tiny_llava_dir, tmp_path, capsys):
+    assert main(["train", "--model", str(tiny_llava_dir), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--epochs", "0"]) == 2
+    assert main(["train", "--model", str(tiny_llava_dir), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--epochs", "2"]) == 2  # no manifest
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: --epochs must be >= 1, got 0" and "manifest" in err[1] and len(err) == 2
