@@ -5,10 +5,14 @@ with num_hidden_layers 1 and a float32 model.safetensors with the released keys)
 `training_state.pt` (optimizer, scheduler, step, epoch, RNG state) for `resume=True`.
 
 Randomness is derived from `seed`: the samples and order of epoch e from (seed, e), the input noise
-of step s from (seed, s). A resumed run therefore replays exactly what an uninterrupted one does.
+of record r at step s from (seed, s, r). A resumed run therefore replays exactly what an
+uninterrupted one does, and a data-parallel run (torchrun; see `distributed.py`) sees the same
+inputs as one process: every rank builds the same plan of global batches of `batch_size`, trains on
+its own part of each, and DDP averages the gradients; rank 0 alone writes metrics and checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,8 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from msd_engine.draft.config import DraftConfig
+from msd_engine.train import distributed
 from msd_engine.train.curriculum import Curriculum
-from msd_engine.train.losses import draft_loss, input_noise
+from msd_engine.train.distributed import DistEnv
+from msd_engine.train.losses import NOISE_REF_LEN, NOISE_SCALE, draft_loss
 from msd_engine.train.module import DraftModule
 from msd_engine.train.records import DraftRecord
 
@@ -153,53 +159,126 @@ def train_draft(records: Sequence[DraftRecord], target_lm_head: torch.Tensor, ta
                 batch_size: int = 1, grad_clip: float = 0.5, curriculum: Optional[Curriculum] = None,
                 save_every: int = 0, seed: int = 0, resume: bool = False, decay: str = "cosine",
                 init_std: float = 0.02) -> TrainResult:
-    """Train a draft head on `records` (float32, CPU or wherever the records live).
+    """Train a draft head on `records` (float32, on CPU; on the rank's GPU under NCCL).
 
+    batch_size: the global batch (split evenly over the ranks when torch.distributed is initialised).
     save_every: checkpoint every that many steps (0: only at the end). resume: continue from the
     latest complete checkpoint in out_dir (starting fresh when there is none)."""
     _check_args(records, config, epochs, lr, warmup_steps, batch_size, save_every, curriculum, decay)
+    env = distributed.current()
+    if batch_size % env.world_size:
+        raise ValueError(f"batch_size {batch_size} (the global batch) not divisible by the world size "
+                         f"{env.world_size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lm_head = target_lm_head.detach().float()
-    module = DraftModule.from_config(config, target_embed, seed=seed, std=init_std)
+    lm_head = target_lm_head.detach().float().to(env.device)
+    module = DraftModule.from_config(config, target_embed, seed=seed, std=init_std).to(env.device)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, weight_decay=0.0)
     plan = [(e, b) for e in range(1, epochs + 1) for b in epoch_batches(records, e, curriculum, seed, batch_size)]
     total = len(plan)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total, decay))
     step, metrics_path = 0, out_dir / METRICS_FILE
-    checkpoint = latest_checkpoint(out_dir) if resume else None
+    # rank 0 picks the checkpoint so that every rank restores the same one
+    checkpoint = distributed.broadcast_object(latest_checkpoint(out_dir) if resume and env.is_main() else None)
     if checkpoint is not None:
         step = restore(checkpoint, module, optimizer, scheduler)["step"]
-        _trim_metrics(metrics_path, step)
-    elif metrics_path.exists():
+        if env.is_main():
+            _trim_metrics(metrics_path, step)
+    elif metrics_path.exists() and env.is_main():
         metrics_path.unlink()
+    model = module
+    if env.distributed:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
     history = []
     module.train()
-    with metrics_path.open("a") as log:
+    with metrics_path.open("a") if env.is_main() else contextlib.nullcontext() as log:
         for epoch, batch in plan[step:]:
-            stats = _train_step(module, optimizer, scheduler, collate([records[i] for i in batch]), lm_head,
-                                params, grad_clip, torch.Generator().manual_seed(seed * 1_000_003 + step))
+            stats = _train_step(model, optimizer, scheduler, _local_batch(records, batch, env, seed, step), lm_head,
+                                params, grad_clip, env)
             step += 1
             row = {"step": step, "epoch": epoch, **stats}
             history.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
             if save_every and step % save_every == 0 and step < total:
-                checkpoint = save_checkpoint(out_dir, module, optimizer, scheduler, step, epoch, seed)
+                checkpoint = _save(env, out_dir, module, optimizer, scheduler, step, epoch, seed)
     if checkpoint is None or checkpoint.name != f"checkpoint-{step}":
-        checkpoint = save_checkpoint(out_dir, module, optimizer, scheduler, step, plan[-1][0], seed)
+        checkpoint = _save(env, out_dir, module, optimizer, scheduler, step, plan[-1][0], seed)
     return TrainResult(step, checkpoint, history)
 
 
-def _train_step(module, optimizer, scheduler, batch, lm_head, params, grad_clip, noise_gen) -> dict:
+def _save(env: DistEnv, out_dir: Path, module, optimizer, scheduler, step: int, epoch: int, seed: int) -> Path:
+    """Rank 0 writes (every rank holds the same state); the barrier keeps the others from running
+    ahead of, or reading, a half-written checkpoint."""
+    path = (save_checkpoint(out_dir, module, optimizer, scheduler, step, epoch, seed) if env.is_main()
+            else out_dir / f"checkpoint-{step}")
+    distributed.barrier()
+    return path
+
+
+def _noise_seed(seed: int, step: int, index: int) -> int:
+    return ((seed * 1_000_003 + step) * 1_000_003 + index) % (1 << 63)
+
+
+def _local_batch(records: Sequence[DraftRecord], batch: list[int], env: DistEnv, seed: int,
+                 step: int) -> dict[str, Optional[torch.Tensor]]:
+    """This rank's part of the global `batch`, collated on env.device, with its noisy input features.
+
+    Each record's noise comes from its own generator, keyed by (seed, step, record index), and its
+    width is scaled by the padded length of the whole global batch (as `input_noise` scales by the
+    padded length of the batch it is given): a sample's input is then the same whichever rank holds
+    it and however many ranks there are."""
+    local = distributed.shard_indices(batch, env.rank, env.world_size)
+    idle = not local
+    if idle:
+        # the epoch's last batch is shorter than the world: run its first record with zero weight
+        # so that this rank still joins DDP's gradient all-reduce
+        local = batch[:1]
+    out = collate([records[i] for i in local])
+    if idle:
+        out["loss_mask"].zero_()
+    n_global = max(records[i].token_ids.shape[0] for i in batch)
+    noise = torch.zeros_like(out["features"])                                   # [B, N, H]
+    for row, index in enumerate(local):
+        m, h = records[index].features.shape
+        u = torch.rand((m, h), generator=torch.Generator().manual_seed(_noise_seed(seed, step, index)))
+        noise[row, :m] = (u - 0.5) * NOISE_SCALE * NOISE_REF_LEN / n_global
+    out["noisy"] = out["features"] + noise
+    # the global batch's loss weight, known to every rank without communication
+    out["global_weight"] = torch.tensor(sum(float(records[i].loss_mask[1:].sum()) for i in batch))
+    return {k: None if v is None else v.to(env.device) for k, v in out.items()}
+
+
+def _global_loss(loss: torch.Tensor, stats: dict, batch: dict, env: DistEnv) -> tuple[torch.Tensor, dict]:
+    """Rescale this rank's loss so that DDP's averaged gradient is the single-process gradient over
+    the global batch, and reduce the logged statistics to their global values.
+
+    draft_loss is a mean over this rank's weighted positions, sum_r / d_r. The single-process loss
+    is sum_r' sum_r' / D (D: the global weight), and DDP averages gradients over the W ranks, so
+    rank r backpropagates loss_r * d_r * W / D; the average is then exactly grad(sum_r' sum_r' / D),
+    however unevenly the positions fall on the ranks. Statistics are weighted the same way."""
+    d_r = max(float(batch["loss_mask"][:, 1:].sum()), 1.0)  # draft_loss's own denominator
+    d_global = max(float(batch["global_weight"]), 1.0)
+    keys = ("loss", "feature_loss", "ce_loss", "acc")
+    sums = torch.tensor([stats[k] * d_r for k in keys] + [stats["positions"]], dtype=torch.float64,
+                        device=env.device)
+    sums = distributed.all_reduce_sum(sums).tolist()
+    reduced = {k: v / d_global for k, v in zip(keys, sums)}
+    return loss * (d_r * env.world_size / d_global), {**reduced, "positions": int(round(sums[-1]))}
+
+
+def _train_step(model, optimizer, scheduler, batch, lm_head, params, grad_clip, env: DistEnv) -> dict:
     lr = optimizer.param_groups[0]["lr"]
-    noisy = input_noise(batch["features"], noise_gen)
-    pred = module(batch["token_ids"], noisy, batch["image_rows"], batch["is_image"], batch["attention_mask"])
+    pred = model(batch["token_ids"], batch["noisy"], batch["image_rows"], batch["is_image"], batch["attention_mask"])
     loss, stats = draft_loss(pred, batch["features"], batch["loss_mask"], lm_head)
+    if env.distributed:
+        loss, stats = _global_loss(loss, stats, batch, env)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # DDP's gradients are already global
     optimizer.step()
     scheduler.step()
     return {**stats, "lr": lr, "grad_norm": float(grad_norm)}
