@@ -100,6 +100,116 @@ msd_status check_linear(const void* x, const void* weight, const void* out, int6
     return check_dtype(dtype);
 }
 
+msd_status check_non_negative(int64_t value, const char* name) {
+    if (value >= 0) return MSD_OK;
+    return set_error(MSD_ERR_INVALID_ARGUMENT, "%s must be >= 0, got %lld", name,
+                     static_cast<long long>(value));
+}
+
+// The queries, kv heads and region of a tree attention call (everything but pointers/strides).
+msd_status check_attention_sizes(int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                                 int64_t head_dim, int64_t prefix_len, int64_t region) {
+    CHECK_ARG(check_positive(num_queries, "num_queries"));
+    CHECK_ARG(check_positive(num_heads, "num_heads"));
+    CHECK_ARG(check_positive(num_kv_heads, "num_kv_heads"));
+    CHECK_ARG(check_positive(head_dim, "head_dim"));
+    if (num_heads % num_kv_heads != 0) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT,
+                         "num_heads (%lld) is not a multiple of num_kv_heads (%lld)",
+                         static_cast<long long>(num_heads), static_cast<long long>(num_kv_heads));
+    }
+    CHECK_ARG(check_non_negative(prefix_len, "prefix_len"));
+    if (region < num_queries) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT,
+                         "region (%lld) is smaller than num_queries (%lld): the queries' own "
+                         "entries are the last num_queries region slots",
+                         static_cast<long long>(region), static_cast<long long>(num_queries));
+    }
+    return MSD_OK;
+}
+
+// Distinct (query, head) rows of `out`, given strides >= head_dim: heads nested inside query
+// rows ([T, H, D]) or query rows inside heads ([H, T, D]).
+msd_status check_out_rows(int64_t num_queries, int64_t num_heads, int64_t head_dim,
+                          int64_t row_stride, int64_t head_stride) {
+    if (num_queries == 1 || num_heads == 1 || row_stride >= num_heads * head_stride ||
+        head_stride >= num_queries * row_stride) {
+        return MSD_OK;
+    }
+    return set_error(MSD_ERR_INVALID_ARGUMENT,
+                     "out_row_stride (%lld) and out_head_stride (%lld) make the [%lld, %lld] "
+                     "rows of %lld elements of out overlap",
+                     static_cast<long long>(row_stride), static_cast<long long>(head_stride),
+                     static_cast<long long>(num_queries), static_cast<long long>(num_heads),
+                     static_cast<long long>(head_dim));
+}
+
+msd_status check_tree_attention(const void* q, const void* k_cache, const void* v_cache,
+                                const void* out, int64_t num_queries, int64_t num_heads,
+                                int64_t num_kv_heads, int64_t head_dim, int64_t prefix_len,
+                                int64_t region, int64_t q_row_stride, int64_t q_head_stride,
+                                int64_t kv_head_stride, int64_t kv_slot_stride,
+                                int64_t out_row_stride, int64_t out_head_stride, float sm_scale,
+                                msd_dtype dtype) {
+    clear_error();
+    CHECK_ARG(check_pointer(q, "q"));
+    CHECK_ARG(check_pointer(k_cache, "k_cache"));
+    CHECK_ARG(check_pointer(v_cache, "v_cache"));
+    CHECK_ARG(check_pointer(out, "out"));  // mask_bits may be NULL
+    CHECK_ARG(check_attention_sizes(num_queries, num_heads, num_kv_heads, head_dim, prefix_len,
+                                    region));
+    CHECK_ARG(check_stride(q_row_stride, head_dim, "q_row_stride"));
+    CHECK_ARG(check_stride(q_head_stride, head_dim, "q_head_stride"));
+    CHECK_ARG(check_stride(kv_head_stride, head_dim, "kv_head_stride"));
+    CHECK_ARG(check_stride(kv_slot_stride, head_dim, "kv_slot_stride"));
+    CHECK_ARG(check_stride(out_row_stride, head_dim, "out_row_stride"));
+    CHECK_ARG(check_stride(out_head_stride, head_dim, "out_head_stride"));
+    CHECK_ARG(check_out_rows(num_queries, num_heads, head_dim, out_row_stride, out_head_stride));
+    if (!std::isfinite(sm_scale)) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT, "sm_scale must be finite, got %g",
+                         static_cast<double>(sm_scale));
+    }
+    return check_dtype(dtype);
+}
+
+msd_status check_kv_compact(const void* arena, int64_t num_kv, int64_t num_layers,
+                            int64_t num_kv_heads, int64_t max_slots, int64_t head_dim,
+                            int64_t start, const void* nodes, int64_t num_nodes,
+                            msd_dtype dtype) {
+    clear_error();
+    CHECK_ARG(check_pointer(arena, "arena"));
+    CHECK_ARG(check_positive(num_kv, "num_kv"));
+    CHECK_ARG(check_positive(num_layers, "num_layers"));
+    CHECK_ARG(check_positive(num_kv_heads, "num_kv_heads"));
+    CHECK_ARG(check_positive(max_slots, "max_slots"));
+    CHECK_ARG(check_positive(head_dim, "head_dim"));
+    CHECK_ARG(check_non_negative(start, "start"));
+    CHECK_ARG(check_non_negative(num_nodes, "num_nodes"));
+    if (num_nodes > 0) CHECK_ARG(check_pointer(nodes, "nodes"));
+    if (start + num_nodes > max_slots) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT,
+                         "start (%lld) + num_nodes (%lld) exceeds max_slots (%lld)",
+                         static_cast<long long>(start), static_cast<long long>(num_nodes),
+                         static_cast<long long>(max_slots));
+    }
+    return check_dtype(dtype);
+}
+
+// Host-side values of the CPU variant's nodes: j <= nodes[j] < max_slots - start.
+msd_status check_nodes(const int64_t* nodes, int64_t num_nodes, int64_t start,
+                       int64_t max_slots) {
+    for (int64_t j = 0; j < num_nodes; ++j) {
+        if (nodes[j] < j || start + nodes[j] >= max_slots) {
+            return set_error(MSD_ERR_INVALID_ARGUMENT,
+                             "nodes[%lld] = %lld: expected nodes[j] >= j (ascending) and start "
+                             "(%lld) + nodes[j] < max_slots (%lld)",
+                             static_cast<long long>(j), static_cast<long long>(nodes[j]),
+                             static_cast<long long>(start), static_cast<long long>(max_slots));
+        }
+    }
+    return MSD_OK;
+}
+
 #if !defined(MSD_ENGINE_WITH_CUDA)
 msd_status cuda_not_compiled(const char* function) {
     return set_error(MSD_ERR_NOT_COMPILED,
@@ -109,6 +219,19 @@ msd_status cuda_not_compiled(const char* function) {
 #endif
 
 }  // namespace
+
+namespace attention_plan {
+
+int64_t max_splits(int64_t num_keys) {
+    const int64_t by_length = (num_keys + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
+    return by_length < 1 ? 1 : (by_length > kMaxSplits ? kMaxSplits : by_length);
+}
+
+int64_t bytes_per_split(int64_t num_rows, int64_t head_dim) {
+    return num_rows * (head_dim + 1) * static_cast<int64_t>(sizeof(float));
+}
+
+}  // namespace attention_plan
 
 msd_status set_error(msd_status status, const char* format, ...) {
     va_list args;
@@ -190,6 +313,47 @@ msd_status msd_linear_cpu(const void* x, const void* weight, const void* bias, v
                             out_row_stride, dtype, num_threads);
 }
 
+msd_status msd_tree_attention_cpu(const void* q, const void* k_cache, const void* v_cache,
+                                  const int32_t* mask_bits, void* out, int64_t num_queries,
+                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                  int64_t prefix_len, int64_t region, int64_t q_row_stride,
+                                  int64_t q_head_stride, int64_t kv_head_stride,
+                                  int64_t kv_slot_stride, int64_t out_row_stride,
+                                  int64_t out_head_stride, float sm_scale, msd_dtype dtype) {
+    CHECK_ARG(msd::check_tree_attention(q, k_cache, v_cache, out, num_queries, num_heads,
+                                        num_kv_heads, head_dim, prefix_len, region, q_row_stride,
+                                        q_head_stride, kv_head_stride, kv_slot_stride,
+                                        out_row_stride, out_head_stride, sm_scale, dtype));
+    return msd::cpu::tree_attention(q, k_cache, v_cache, mask_bits, out, num_queries, num_heads,
+                                    num_kv_heads, head_dim, prefix_len, region, q_row_stride,
+                                    q_head_stride, kv_head_stride, kv_slot_stride, out_row_stride,
+                                    out_head_stride, sm_scale, dtype);
+}
+
+msd_status msd_tree_attention_cuda_workspace_bytes(int64_t num_queries, int64_t num_heads,
+                                                   int64_t head_dim, int64_t prefix_len,
+                                                   int64_t region, int64_t* bytes) {
+    msd::clear_error();
+    CHECK_ARG(msd::check_pointer(bytes, "bytes"));
+    CHECK_ARG(msd::check_attention_sizes(num_queries, num_heads, 1, head_dim, prefix_len, region));
+    const int64_t splits = msd::attention_plan::max_splits(prefix_len + region);
+    *bytes = splits <= 1 ? 0
+                         : splits * msd::attention_plan::bytes_per_split(num_heads * num_queries,
+                                                                         head_dim);
+    return MSD_OK;
+}
+
+msd_status msd_kv_compact_cpu(void* arena, int64_t num_kv, int64_t num_layers,
+                              int64_t num_kv_heads, int64_t max_slots, int64_t head_dim,
+                              int64_t start, const int64_t* nodes, int64_t num_nodes,
+                              msd_dtype dtype) {
+    CHECK_ARG(msd::check_kv_compact(arena, num_kv, num_layers, num_kv_heads, max_slots, head_dim,
+                                    start, nodes, num_nodes, dtype));
+    CHECK_ARG(msd::check_nodes(nodes, num_nodes, start, max_slots));
+    return msd::cpu::kv_compact(arena, num_kv * num_layers * num_kv_heads, max_slots, head_dim,
+                                start, nodes, num_nodes, dtype);
+}
+
 msd_status msd_set_cpu_spin_us(int microseconds) {
     msd::clear_error();
     if (microseconds < 0 || microseconds > 1000000) {
@@ -237,6 +401,42 @@ msd_status msd_silu_mul_cuda(const void* gate_up, void* out, int64_t rows, int64
                                dtype, stream);
 }
 
+msd_status msd_tree_attention_cuda(const void* q, const void* k_cache, const void* v_cache,
+                                   const int32_t* mask_bits, void* out, int64_t num_queries,
+                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                   int64_t prefix_len, int64_t region, int64_t q_row_stride,
+                                   int64_t q_head_stride, int64_t kv_head_stride,
+                                   int64_t kv_slot_stride, int64_t out_row_stride,
+                                   int64_t out_head_stride, float sm_scale, msd_dtype dtype,
+                                   void* workspace, int64_t workspace_bytes, void* stream) {
+    CHECK_ARG(msd::check_tree_attention(q, k_cache, v_cache, out, num_queries, num_heads,
+                                        num_kv_heads, head_dim, prefix_len, region, q_row_stride,
+                                        q_head_stride, kv_head_stride, kv_slot_stride,
+                                        out_row_stride, out_head_stride, sm_scale, dtype));
+    if (head_dim != 64 && head_dim != 128) {
+        return msd::set_error(MSD_ERR_INVALID_ARGUMENT,
+                              "head_dim %lld is not supported by msd_tree_attention_cuda "
+                              "(64 or 128)", static_cast<long long>(head_dim));
+    }
+    CHECK_ARG(msd::check_non_negative(workspace_bytes, "workspace_bytes"));
+    if (workspace_bytes > 0) CHECK_ARG(msd::check_pointer(workspace, "workspace"));
+    return msd::cuda::tree_attention(q, k_cache, v_cache, mask_bits, out, num_queries, num_heads,
+                                     num_kv_heads, head_dim, prefix_len, region, q_row_stride,
+                                     q_head_stride, kv_head_stride, kv_slot_stride,
+                                     out_row_stride, out_head_stride, sm_scale, dtype, workspace,
+                                     workspace_bytes, stream);
+}
+
+msd_status msd_kv_compact_cuda(void* arena, int64_t num_kv, int64_t num_layers,
+                               int64_t num_kv_heads, int64_t max_slots, int64_t head_dim,
+                               int64_t start, const int64_t* nodes, int64_t num_nodes,
+                               msd_dtype dtype, void* stream) {
+    CHECK_ARG(msd::check_kv_compact(arena, num_kv, num_layers, num_kv_heads, max_slots, head_dim,
+                                    start, nodes, num_nodes, dtype));
+    return msd::cuda::kv_compact(arena, num_kv * num_layers * num_kv_heads, max_slots, head_dim,
+                                 start, nodes, num_nodes, dtype, stream);
+}
+
 #else  // !MSD_ENGINE_WITH_CUDA: the symbols exist so that callers link either way.
 
 msd_status msd_rms_norm_cuda(const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t,
@@ -252,6 +452,18 @@ msd_status msd_add_rms_norm_cuda(const void*, void*, const void*, void*, int64_t
 msd_status msd_silu_mul_cuda(const void*, void*, int64_t, int64_t, int64_t, int64_t, msd_dtype,
                              void*) {
     return msd::cuda_not_compiled("msd_silu_mul_cuda");
+}
+
+msd_status msd_tree_attention_cuda(const void*, const void*, const void*, const int32_t*, void*,
+                                   int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                   int64_t, int64_t, int64_t, int64_t, int64_t, float, msd_dtype,
+                                   void*, int64_t, void*) {
+    return msd::cuda_not_compiled("msd_tree_attention_cuda");
+}
+
+msd_status msd_kv_compact_cuda(void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                               const int64_t*, int64_t, msd_dtype, void*) {
+    return msd::cuda_not_compiled("msd_kv_compact_cuda");
 }
 
 #endif

@@ -45,6 +45,16 @@ struct PyArg<void*> {
     static void* from(uintptr_t p) { return reinterpret_cast<void*>(p); }
 };
 template <>
+struct PyArg<const int32_t*> {
+    using type = uintptr_t;
+    static const int32_t* from(uintptr_t p) { return reinterpret_cast<const int32_t*>(p); }
+};
+template <>
+struct PyArg<const int64_t*> {
+    using type = uintptr_t;
+    static const int64_t* from(uintptr_t p) { return reinterpret_cast<const int64_t*>(p); }
+};
+template <>
 struct PyArg<msd_dtype> {
     using type = int;
     static msd_dtype from(int d) { return static_cast<msd_dtype>(d); }
@@ -79,6 +89,18 @@ PYBIND11_MODULE(_C, m) {
     m.def("silu_mul_cpu", checked(&msd_silu_mul_cpu), nogil);
     m.def("silu_mul_cuda", checked(&msd_silu_mul_cuda), nogil);
     m.def("linear_cpu", checked(&msd_linear_cpu), nogil);
+    m.def("tree_attention_cpu", checked(&msd_tree_attention_cpu), nogil);
+    m.def("tree_attention_cuda", checked(&msd_tree_attention_cuda), nogil);
+    m.def("tree_attention_cuda_workspace_bytes",
+          [](int64_t num_queries, int64_t num_heads, int64_t head_dim, int64_t prefix_len,
+             int64_t region) {
+              int64_t bytes = 0;
+              raise_if_failed(msd_tree_attention_cuda_workspace_bytes(
+                  num_queries, num_heads, head_dim, prefix_len, region, &bytes));
+              return bytes;
+          });
+    m.def("kv_compact_cpu", checked(&msd_kv_compact_cpu), nogil);
+    m.def("kv_compact_cuda", checked(&msd_kv_compact_cuda), nogil);
     m.def("cpu_isa", [] { return static_cast<int>(msd_get_cpu_isa()); });
     m.def("set_cpu_isa", checked(&msd_set_cpu_isa));
     m.def("set_cpu_spin_us", checked(&msd_set_cpu_spin_us));

@@ -27,10 +27,28 @@ msd_status silu_mul(const void* gate_up, void* out, int64_t rows, int64_t inter,
 msd_status linear(const void* x, const void* weight, const void* bias, void* out, int64_t m,
                   int64_t n, int64_t k, int64_t x_row_stride, int64_t weight_row_stride,
                   int64_t out_row_stride, msd_dtype dtype, int num_threads);
+msd_status tree_attention(const void* q, const void* k_cache, const void* v_cache,
+                          const int32_t* mask_bits, void* out, int64_t num_queries,
+                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                          int64_t prefix_len, int64_t region, int64_t q_row_stride,
+                          int64_t q_head_stride, int64_t kv_head_stride, int64_t kv_slot_stride,
+                          int64_t out_row_stride, int64_t out_head_stride, float sm_scale,
+                          msd_dtype dtype);
+msd_status kv_compact(void* arena, int64_t planes, int64_t max_slots, int64_t head_dim,
+                      int64_t start, const int64_t* nodes, int64_t num_nodes, msd_dtype dtype);
 msd_cpu_isa get_isa();
 msd_status set_isa(int isa);
 void set_spin_microseconds(int microseconds);  // in thread_pool.cpp, checked by api.cpp
 }  // namespace cpu
+
+// The CUDA tree attention's split plan, in api.cpp (host arithmetic, built with or without CUDA).
+namespace attention_plan {
+constexpr int64_t kTileKeys = 32;           // keys per K/V tile of the CUDA kernel
+constexpr int64_t kMinKeysPerSplit = 256;   // below this a split's partial costs more than it saves
+constexpr int64_t kMaxSplits = 64;
+int64_t max_splits(int64_t num_keys);       // in [1, kMaxSplits]
+int64_t bytes_per_split(int64_t num_rows, int64_t head_dim);  // partial outputs + LSEs
+}  // namespace attention_plan
 
 #if defined(MSD_ENGINE_WITH_CUDA)
 namespace cuda {
@@ -45,6 +63,17 @@ msd_status add_rms_norm(const void* x, void* residual, const void* weight, void*
 msd_status silu_mul(const void* gate_up, void* out, int64_t rows, int64_t inter,
                     int64_t gate_up_row_stride, int64_t out_row_stride, msd_dtype dtype,
                     void* stream);
+msd_status tree_attention(const void* q, const void* k_cache, const void* v_cache,
+                          const int32_t* mask_bits, void* out, int64_t num_queries,
+                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                          int64_t prefix_len, int64_t region, int64_t q_row_stride,
+                          int64_t q_head_stride, int64_t kv_head_stride, int64_t kv_slot_stride,
+                          int64_t out_row_stride, int64_t out_head_stride, float sm_scale,
+                          msd_dtype dtype, void* workspace, int64_t workspace_bytes,
+                          void* stream);
+msd_status kv_compact(void* arena, int64_t planes, int64_t max_slots, int64_t head_dim,
+                      int64_t start, const int64_t* nodes, int64_t num_nodes, msd_dtype dtype,
+                      void* stream);
 }  // namespace cuda
 #endif
 

@@ -11,6 +11,9 @@ Semantics (the roundings match `msd_engine.ops.TorchOps`; see csrc/include/msd_e
   silu_mul:     F.silu(gate) * up for gate_up = [gate | up] along the last dim
   linear:       F.linear(x, weight, bias), CPU only, summed in float32 (+ bias in float32)
                 and rounded to dtype once; made for a few rows of x (decoding)
+  tree_attention: TorchOps.cached_attention with the mask bit-packed (`pack_mask`), float32
+                inside, rounded to dtype once; a query that sees no key gets zeros
+  kv_compact:   TorchOps.kv_compact (slot start + nodes[j] -> start + j, all layers, K and V)
 
 `import msd_engine.native` works without the extension; calling a kernel then raises.
 """
@@ -296,3 +299,164 @@ def set_cpu_isa(isa: Optional[str]) -> None:
     if isa is not None and isa not in _CPU_ISAS:
         raise ValueError(f"isa must be one of {_CPU_ISAS} or None, got {isa!r}")
     _lib().set_cpu_isa(-1 if isa is None else _CPU_ISAS.index(isa))
+
+
+# ---- attention and the cache ---------------------------------------------------------------------
+CUDA_ATTENTION_HEAD_DIMS = (64, 128)  # head dims msd_tree_attention_cuda is compiled for
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [T, R] -> int32 [T, ceil(R / 32)]: bit j % 32 of word j // 32 is mask[:, j]."""
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask must be a 2-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+    t, r = mask.shape
+    words = (r + 31) // 32
+    padded = torch.zeros(t, words * 32, dtype=torch.int64, device=mask.device)
+    padded[:, :r] = mask
+    weights = torch.ones(32, dtype=torch.int64, device=mask.device) << torch.arange(
+        32, device=mask.device)
+    packed = (padded.view(t, words, 32) * weights).sum(-1)  # [T, W] in [0, 2^32)
+    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+
+
+def _check_index(value, name: str, low: int) -> int:
+    if type(value) is not int:  # not bool, not a tensor: an exact int
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _attention_operand_error(q, **others) -> Exception:
+    """The complaint about the first of k_cache, v_cache, mask_bits, out on the wrong device or
+    with the wrong dtype."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            return TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            return ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        expected = torch.int32 if name == "mask_bits" else q.dtype
+        if t.dtype != expected:
+            hint = " (see pack_mask)" if name == "mask_bits" else ""
+            return TypeError(f"{name} has dtype {t.dtype}; expected {expected}{hint}")
+    raise AssertionError("no operand error to report")
+
+
+def _check_attention(q, k_cache, v_cache, prefix_len, mask_bits, region, out) -> None:
+    # Called per layer per step: only dtype, device, shape and stride reads (~0.1 us each) on
+    # the way through; the exact complaint is worked out once something is wrong.
+    device, dtype = q.device, q.dtype
+    if (k_cache.dtype is not dtype or v_cache.dtype is not dtype or k_cache.device != device
+            or v_cache.device != device
+            or (mask_bits is not None and (mask_bits.dtype is not torch.int32
+                                           or mask_bits.device != device))
+            or (out is not None and (out.dtype is not dtype or out.device != device))):
+        raise _attention_operand_error(q, k_cache=k_cache, v_cache=v_cache, mask_bits=mask_bits,
+                                       out=out)
+    q_shape, k_shape = q.shape, k_cache.shape
+    if len(q_shape) != 3:
+        raise ValueError(f"q has shape {tuple(q_shape)}; expected [T, Hq, D]")
+    t, num_heads, head_dim = q_shape
+    if len(k_shape) != 3 or k_shape[2] != head_dim:
+        raise ValueError(f"k_cache has shape {tuple(k_shape)}; expected [Hkv, S, {head_dim}]")
+    k_strides = k_cache.stride()
+    if v_cache.shape != k_shape or v_cache.stride() != k_strides:
+        raise ValueError(f"v_cache (shape {tuple(v_cache.shape)}, strides {v_cache.stride()}) must "
+                         f"match k_cache (shape {tuple(k_shape)}, strides {k_strides})")
+    if head_dim > 1:
+        for tensor, name in ((q, "q"), (k_cache, "k_cache"), (out, "out")):
+            if tensor is not None and tensor.stride(2) != 1:
+                raise ValueError(f"{name} must be contiguous in its last dim, got strides "
+                                 f"{tensor.stride()}")
+    _check_index(prefix_len, "prefix_len", 0)
+    _check_index(region, "region", t)
+    if prefix_len + region > k_shape[1]:
+        raise ValueError(f"prefix_len {prefix_len} + region {region} exceeds the cache's "
+                         f"{k_shape[1]} slots")
+    if mask_bits is not None:
+        words = (region + 31) // 32
+        if mask_bits.shape != (t, words) or not mask_bits.is_contiguous():
+            raise ValueError(f"mask_bits has shape {tuple(mask_bits.shape)} strides "
+                             f"{mask_bits.stride()}; expected contiguous [{t}, {words}] "
+                             f"(region {region})")
+    if out is not None and out.shape != q_shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}; expected {tuple(q_shape)}")
+
+
+def _head_strides(t: torch.Tensor) -> tuple[int, int]:
+    """(row, head) strides of `t [T, H, D]`; a size-1 dim's stride is meaningless, so it gets
+    one the kernels accept."""
+    rows, heads, head_dim = t.shape
+    strides = t.stride()
+    head_stride = strides[1] if heads > 1 else head_dim
+    return (strides[0] if rows > 1 else heads * head_stride), head_stride
+
+
+def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   prefix_len: int, mask_bits: Optional[torch.Tensor], region: int,
+                   out: Optional[torch.Tensor] = None,
+                   sm_scale: Optional[float] = None) -> torch.Tensor:
+    """Attention of `q [T, Hq, D]` over slots [0, prefix_len + region) of `k_cache` /
+    `v_cache [Hkv, S, D]` (equal strides) -> `[T, Hq, D]` (in `out` if given; must not overlap
+    the inputs). Slots < prefix_len are visible to every query, slot prefix_len + j to query i
+    iff bit j of `mask_bits[i]` (int32 [T, ceil(region / 32)] from `pack_mask`; None: all).
+    CUDA needs D in CUDA_ATTENTION_HEAD_DIMS. `sm_scale` defaults to 1 / sqrt(D)."""
+    lib = _C or _lib()  # _lib() raises if _C is not built
+    code = _DTYPE_CODES.get(q.dtype)
+    if code is None:
+        raise TypeError(f"q has dtype {q.dtype}; expected float32, float16 or bfloat16")
+    _check_attention(q, k_cache, v_cache, prefix_len, mask_bits, region, out)
+    t, num_heads, head_dim = q.shape
+    if out is None:
+        out = torch.empty_like(q)  # q's strides when dense, else contiguous: either will do
+    if t == 0 or num_heads == 0:
+        return out
+    q_row_stride, q_head_stride = _head_strides(q)
+    out_row_stride, out_head_stride = _head_strides(out)
+    num_kv_heads, slots = k_cache.shape[0], k_cache.shape[1]
+    k_strides = k_cache.stride()
+    args = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            0 if mask_bits is None else mask_bits.data_ptr(), out.data_ptr(), t, num_heads,
+            num_kv_heads, head_dim, prefix_len, region, q_row_stride, q_head_stride,
+            k_strides[0] if num_kv_heads > 1 else slots * head_dim,
+            k_strides[1] if slots > 1 else head_dim, out_row_stride, out_head_stride,
+            head_dim ** -0.5 if sm_scale is None else float(sm_scale), code)
+    if q.is_cpu:
+        lib.tree_attention_cpu(*args)
+        return out
+    if q.is_cuda and head_dim not in CUDA_ATTENTION_HEAD_DIMS:
+        raise ValueError(f"q has head dim {head_dim}; the CUDA kernel is built for "
+                         f"{CUDA_ATTENTION_HEAD_DIMS}")
+    launch = _kernel("tree_attention", q.device)  # raises for devices without a kernel
+    size = lib.tree_attention_cuda_workspace_bytes(t, num_heads, head_dim, prefix_len, region)
+    workspace = torch.empty(size, dtype=torch.uint8, device=q.device)  # float32 partials
+    launch(*args, workspace.data_ptr() if size else 0, size)
+    return out
+
+
+def kv_compact(arena: torch.Tensor, start: int, nodes: torch.Tensor) -> None:
+    """In place: `arena [2, L, Hkv, S, D]` (contiguous) slot start + nodes[j] -> start + j for
+    every j, layer, head, K and V. `nodes`: int64 [m] on arena's device with j <= nodes[j]
+    (ascending accepted nodes, root first); checked on the CPU, not on CUDA (a sync)."""
+    code = _dtype_code(arena, "arena")
+    if arena.dim() != 5 or not arena.is_contiguous():
+        raise ValueError(f"arena (shape {tuple(arena.shape)}, strides {arena.stride()}) must be "
+                         "a contiguous [2, L, Hkv, S, D] tensor")
+    if not isinstance(nodes, torch.Tensor) or nodes.dtype != torch.int64 or nodes.dim() != 1:
+        raise TypeError(f"nodes must be a 1-D int64 tensor, got "
+                        f"{getattr(nodes, 'dtype', type(nodes).__name__)} "
+                        f"{tuple(getattr(nodes, 'shape', ()))}")
+    if nodes.device != arena.device:
+        raise ValueError(f"nodes is on {nodes.device} but arena is on {arena.device}")
+    _check_index(start, "start", 0)
+    num_nodes = nodes.shape[0]
+    if start + num_nodes > arena.shape[3]:
+        raise ValueError(f"start {start} + {num_nodes} nodes exceeds the arena's "
+                         f"{arena.shape[3]} slots")
+    if num_nodes == 0 or arena.numel() == 0:
+        return
+    nodes = nodes.contiguous()
+    _kernel("kv_compact", arena.device)(arena.data_ptr(), *arena.shape, start, nodes.data_ptr(),
+                                        num_nodes, code)

@@ -103,13 +103,81 @@ msd_status msd_linear_cpu(const void* x, const void* weight, const void* bias, v
                           int64_t weight_row_stride, int64_t out_row_stride, msd_dtype dtype,
                           int num_threads);
 
+/* Tree-masked attention over a KV cache, as msd_engine.ops.TorchOps.cached_attention computes it
+ * (decode T = 1, draft-tree steps, verification, prefill). Element (t, h, d) of
+ *     q    [T, num_heads, D]      is q[t * q_row_stride + h * q_head_stride + d],
+ *     out  [T, num_heads, D]      is out[t * out_row_stride + h * out_head_stride + d],
+ * and slot s of kv head g of k_cache / v_cache [num_kv_heads, S, D] is
+ *     cache[g * kv_head_stride + s * kv_slot_stride + d]   (both caches share these strides),
+ * with T = num_queries and D = head_dim (each head's D elements contiguous). Query head h reads kv
+ * head h / (num_heads / num_kv_heads) (GQA). Query t attends to slots [0, prefix_len + region):
+ * every slot < prefix_len, and slot prefix_len + j iff bit j % 32 of
+ * mask_bits[t * ceil(region / 32) + j / 32] is set (mask_bits: int32 [T, ceil(region / 32)],
+ * contiguous; NULL = every region slot visible). The queries' own entries are the last T region
+ * slots, so region >= T. Per query and head, in float32 (online softmax in base 2):
+ *     out = round_dtype(softmax(sm_scale * q . k_s) . v_s)    over the visible slots s,
+ * and zeros for a query that sees no slot (torch's SDPA gives NaN there). Slots at or past
+ * prefix_len + region are never read (they may hold anything, NaN included). Every stride is in
+ * elements and must be >= head_dim; the [T, num_heads] rows of `out` must not overlap each other,
+ * q or the caches.
+ * CPU: K/V are read in blocks of 64 slots, each used for all (num_heads / num_kv_heads) * T
+ * query rows of its kv head that a task holds; tasks are (kv head, block of <= 64 rows), run on
+ * the calling thread and msd_linear_cpu's pool (small problems on the calling thread alone).
+ * Each output is computed the same way whichever thread runs it; the arithmetic follows the
+ * SIMD path of msd_get_cpu_isa. */
+msd_status msd_tree_attention_cpu(const void* q, const void* k_cache, const void* v_cache,
+                                  const int32_t* mask_bits, void* out, int64_t num_queries,
+                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                  int64_t prefix_len, int64_t region, int64_t q_row_stride,
+                                  int64_t q_head_stride, int64_t kv_head_stride,
+                                  int64_t kv_slot_stride, int64_t out_row_stride,
+                                  int64_t out_head_stride, float sm_scale, msd_dtype dtype);
+/* CUDA: flash-decoding. The slots [0, prefix_len + region) are cut into splits of whole 32-slot
+ * tiles; one block per (kv head, split, 16 query rows) loads each K/V tile once for all its rows
+ * and writes a float32 partial output and log-sum-exp to `workspace`; a second kernel combines
+ * the splits. head_dim must be 64 or 128. `workspace` (device memory, 4-byte aligned) bounds the
+ * splits: msd_tree_attention_cuda_workspace_bytes gives the size for the most the kernel may
+ * use; a smaller one (even NULL with 0 bytes) means fewer splits (one split writes `out`
+ * directly), the same result up to float32 rounding. No allocation and no synchronisation: the
+ * call can be captured in a CUDA graph. */
+msd_status msd_tree_attention_cuda(const void* q, const void* k_cache, const void* v_cache,
+                                   const int32_t* mask_bits, void* out, int64_t num_queries,
+                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                   int64_t prefix_len, int64_t region, int64_t q_row_stride,
+                                   int64_t q_head_stride, int64_t kv_head_stride,
+                                   int64_t kv_slot_stride, int64_t out_row_stride,
+                                   int64_t out_head_stride, float sm_scale, msd_dtype dtype,
+                                   void* workspace, int64_t workspace_bytes, void* stream);
+/* Bytes of workspace msd_tree_attention_cuda may use for these sizes (0 when one split will do),
+ * into *bytes. Depends on the sizes only, not on the device. Works without CUDA too. */
+msd_status msd_tree_attention_cuda_workspace_bytes(int64_t num_queries, int64_t num_heads,
+                                                   int64_t head_dim, int64_t prefix_len,
+                                                   int64_t region, int64_t* bytes);
+
+/* KV-cache compaction after acceptance, every layer, head, K and V in one call. `arena` is a
+ * contiguous [num_kv, num_layers, num_kv_heads, max_slots, head_dim] array (num_kv = 2: K, V);
+ * in each of its num_kv * num_layers * num_kv_heads [max_slots, head_dim] planes, for
+ * j = 0, 1, ..., num_nodes - 1 in this order, slot start + nodes[j] is copied to slot start + j.
+ * In place, hence j <= nodes[j] (true for the ascending accepted nodes, root first): no slot is
+ * overwritten before it is read. Needs start + nodes[j] < max_slots. num_nodes may be 0 (no-op;
+ * nodes may then be NULL). `nodes` is int64: a host pointer for the CPU (its values are
+ * checked), a device pointer for CUDA (not checked: reading it would synchronise the stream). */
+msd_status msd_kv_compact_cpu(void* arena, int64_t num_kv, int64_t num_layers,
+                              int64_t num_kv_heads, int64_t max_slots, int64_t head_dim,
+                              int64_t start, const int64_t* nodes, int64_t num_nodes,
+                              msd_dtype dtype);
+msd_status msd_kv_compact_cuda(void* arena, int64_t num_kv, int64_t num_layers,
+                               int64_t num_kv_heads, int64_t max_slots, int64_t head_dim,
+                               int64_t start, const int64_t* nodes, int64_t num_nodes,
+                               msd_dtype dtype, void* stream);
+
 /* How long the CPU thread pool's idle workers poll for work before they sleep, in [0, 10^6]
  * microseconds (default 100: covers the gaps between the linear calls of one decode step, so
  * workers stay awake through a step and sleep between steps). Lower it when other threads
  * (torch's) need the cores between our calls; 0 sleeps at once. Process-wide. */
 msd_status msd_set_cpu_spin_us(int microseconds);
 
-/* SIMD code paths of the CPU kernels that have several (so far msd_linear_cpu). */
+/* SIMD code paths of the CPU kernels that have several (msd_linear_cpu, msd_tree_attention_cpu). */
 typedef enum { MSD_CPU_ISA_SCALAR = 0, MSD_CPU_ISA_AVX2 = 1, MSD_CPU_ISA_AVX512 = 2 } msd_cpu_isa;
 
 /* The path in use: the best one this CPU and build support, unless msd_set_cpu_isa forced

@@ -1,4 +1,10 @@
-"""CUDA backend: the torch op table with the hand-written kernels of `msd_engine._C` swapped in."""
+"""CUDA backend: the torch op table with the hand-written kernels of `msd_engine._C` swapped in.
+
+Tree attention (flash-decoding split-KV) is compiled for the head dims in
+`native.CUDA_ATTENTION_HEAD_DIMS` (LLaVA's 128, 64); a model with another head dim (the tiny test
+models) runs the torch reference attention instead: a property of the model, so one model
+runs one or the other throughout.
+"""
 from __future__ import annotations
 
 import torch
@@ -27,3 +33,19 @@ class CudaOps(TorchOps):
 
     def silu_mul(self, gate_up):
         return native.silu_mul(gate_up)
+
+    def attention(self, q, k_cache, v_cache, step):
+        if q.shape[-1] not in native.CUDA_ATTENTION_HEAD_DIMS:
+            return super().attention(q, k_cache, v_cache, step)
+        # The step's mask is bit-packed once (StepState.mask_bits) and shared by every layer.
+        return native.tree_attention(q, k_cache, v_cache, step.prefix_len, step.mask_bits, step.region)
+
+    def cached_attention(self, q, k_cache, v_cache, prefix_len, mask):
+        if q.shape[-1] not in native.CUDA_ATTENTION_HEAD_DIMS:
+            return super().cached_attention(q, k_cache, v_cache, prefix_len, mask)
+        region = q.shape[0] if mask is None else mask.shape[1]
+        bits = None if mask is None else native.pack_mask(mask)
+        return native.tree_attention(q, k_cache, v_cache, prefix_len, bits, region)
+
+    def kv_compact(self, arena, start, nodes):
+        native.kv_compact(arena, start, nodes)
