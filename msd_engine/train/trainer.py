@@ -17,12 +17,14 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from msd_engine.draft.config import DraftConfig
 from msd_engine.train import distributed
@@ -158,12 +160,13 @@ def train_draft(records: Sequence[DraftRecord], target_lm_head: torch.Tensor, ta
                 config: DraftConfig, out_dir: Path, *, epochs: int, lr: float = 5e-5, warmup_steps: int = 2000,
                 batch_size: int = 1, grad_clip: float = 0.5, curriculum: Optional[Curriculum] = None,
                 save_every: int = 0, seed: int = 0, resume: bool = False, decay: str = "cosine",
-                init_std: float = 0.02) -> TrainResult:
+                init_std: float = 0.02, progress: bool = True) -> TrainResult:
     """Train a draft head on `records` (float32, on CPU; on the rank's GPU under NCCL).
 
     batch_size: the global batch (split evenly over the ranks when torch.distributed is initialised).
     save_every: checkpoint every that many steps (0: only at the end). resume: continue from the
-    latest complete checkpoint in out_dir (starting fresh when there is none)."""
+    latest complete checkpoint in out_dir (starting fresh when there is none). progress: a bar with the
+    loss and top-1 accuracy on rank 0 when stderr is a terminal."""
     _check_args(records, config, epochs, lr, warmup_steps, batch_size, save_every, curriculum, decay)
     env = distributed.current()
     if batch_size % env.world_size:
@@ -193,13 +196,17 @@ def train_draft(records: Sequence[DraftRecord], target_lm_head: torch.Tensor, ta
         model = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
     history = []
     module.train()
-    with metrics_path.open("a") if env.is_main() else contextlib.nullcontext() as log:
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", leave=False,
+               disable=not (progress and env.is_main() and sys.stderr.isatty()))
+    with bar, metrics_path.open("a") if env.is_main() else contextlib.nullcontext() as log:
         for epoch, batch in plan[step:]:
             stats = _train_step(model, optimizer, scheduler, _local_batch(records, batch, env, seed, step), lm_head,
                                 params, grad_clip, env)
             step += 1
             row = {"step": step, "epoch": epoch, **stats}
             history.append(row)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}", acc=f"{row['acc']:.3f}")
             if log is not None:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
