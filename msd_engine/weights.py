@@ -6,7 +6,7 @@ names the first missing, unexpected or mis-shaped tensor.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -99,19 +99,21 @@ def _more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
-def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    """Read `model.safetensors` strictly: all names and shapes must match `config`."""
-    path = Path(model_dir) / WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no weights file; is this a converted msd-engine model directory?")
+def read_checked(path: Path, check: Callable[[dict[str, Shape], str], None], dtype: torch.dtype,
+                 device: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file after `check(names_and_shapes, source)` has accepted its header."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-            check_tensor_set(shapes, config, str(path))
+            check(shapes, str(path))
             return {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in shapes}
     except SafetensorError as exc:
         raise ValueError(f"{path}: corrupt or unreadable safetensors file ({exc})") from exc
 
 
-def tensor_names(config: ModelConfig) -> Iterable[str]:
-    return expected_shapes(config).keys()
+def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    """Read `model.safetensors` strictly: all names and shapes must match `config`."""
+    path = Path(model_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no weights file; is this a converted msd-engine model directory?")
+    return read_checked(path, lambda shapes, source: check_tensor_set(shapes, config, source), dtype, device)

@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from msd_engine.config import ModelConfig
 from msd_engine.draft.config import DraftConfig
+from msd_engine.weights import read_checked
 
 Shape = tuple[int, ...]
 DRAFT_WEIGHTS_FILE = "model.safetensors"
@@ -61,13 +61,7 @@ def load_draft_weights(draft_dir: Path, config: DraftConfig, dtype: torch.dtype,
     path = Path(draft_dir) / DRAFT_WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no draft weights file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-            check_draft_tensors(shapes, config, str(path))
-            return {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in shapes}
-    except SafetensorError as exc:
-        raise ValueError(f"{path}: corrupt or unreadable safetensors file ({exc})") from exc
+    return read_checked(path, lambda shapes, source: check_draft_tensors(shapes, config, source), dtype, device)
 
 
 def check_embedding_matches(draft_embed: torch.Tensor, target_embed: torch.Tensor, source: str) -> None:
