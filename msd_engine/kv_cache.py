@@ -13,6 +13,19 @@ from typing import Optional
 import torch
 
 
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [T, R] -> int32 [T, ceil(R / 32)]: bit j % 32 of word j // 32 is mask[:, j] (the kernels' format)."""
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask must be a 2-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+    t, r = mask.shape
+    words = (r + 31) // 32
+    padded = torch.zeros(t, words * 32, dtype=torch.int64, device=mask.device)
+    padded[:, :r] = mask
+    weights = torch.ones(32, dtype=torch.int64, device=mask.device) << torch.arange(32, device=mask.device)
+    packed = (padded.view(t, words, 32) * weights).sum(-1)  # [T, W] in [0, 2**32)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
 class CacheCapacityError(ValueError):
     """A request or step needs more cache slots than the arena has."""
 
@@ -102,12 +115,4 @@ class StepState:
 
         Packed once per step (on first use) and shared by every layer.
         """
-        if self.mask is None:
-            return None
-        t, r = self.mask.shape
-        words = (r + 31) // 32
-        padded = torch.zeros(t, words * 32, dtype=torch.int64, device=self.mask.device)
-        padded[:, :r] = self.mask.to(torch.int64)
-        weights = torch.ones(32, dtype=torch.int64, device=self.mask.device) << torch.arange(32, device=self.mask.device)
-        packed = (padded.view(t, words, 32) * weights).sum(-1)  # < 2**32
-        return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+        return None if self.mask is None else pack_mask(self.mask)

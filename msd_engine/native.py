@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from msd_engine.kv_cache import pack_mask  # noqa: F401  (re-exported: the kernels' mask format)
+
 try:
     from msd_engine import _C
     _IMPORT_ERROR: Optional[ImportError] = None
@@ -303,20 +305,6 @@ def set_cpu_isa(isa: Optional[str]) -> None:
 
 # ---- attention and the cache ---------------------------------------------------------------------
 CUDA_ATTENTION_HEAD_DIMS = (64, 128)  # head dims msd_tree_attention_cuda is compiled for
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """bool [T, R] -> int32 [T, ceil(R / 32)]: bit j % 32 of word j // 32 is mask[:, j]."""
-    if mask.dtype != torch.bool or mask.dim() != 2:
-        raise ValueError(f"mask must be a 2-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
-    t, r = mask.shape
-    words = (r + 31) // 32
-    padded = torch.zeros(t, words * 32, dtype=torch.int64, device=mask.device)
-    padded[:, :r] = mask
-    weights = torch.ones(32, dtype=torch.int64, device=mask.device) << torch.arange(
-        32, device=mask.device)
-    packed = (padded.view(t, words, 32) * weights).sum(-1)  # [T, W] in [0, 2^32)
-    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
 
 
 def _check_index(value, name: str, low: int) -> int:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from msd_engine import native
+from msd_engine.kv_cache import pack_mask
 from msd_engine.ops.torch_ops import TorchOps
 
 SKINNY_ROWS = 16  # up to this many rows the native kernel streams the weight once
@@ -57,7 +58,7 @@ class CpuOps(TorchOps):
 
     def cached_attention(self, q, k_cache, v_cache, prefix_len, mask):
         region = q.shape[0] if mask is None else mask.shape[1]
-        bits = None if mask is None else native.pack_mask(mask)
+        bits = None if mask is None else pack_mask(mask)
         return native.tree_attention(q, k_cache, v_cache, prefix_len, bits, region)
 
     def kv_compact(self, arena, start, nodes):

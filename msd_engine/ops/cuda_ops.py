@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from msd_engine import native
+from msd_engine.kv_cache import pack_mask
 from msd_engine.ops.torch_ops import TorchOps
 
 
@@ -44,7 +45,7 @@ class CudaOps(TorchOps):
         if q.shape[-1] not in native.CUDA_ATTENTION_HEAD_DIMS:
             return super().cached_attention(q, k_cache, v_cache, prefix_len, mask)
         region = q.shape[0] if mask is None else mask.shape[1]
-        bits = None if mask is None else native.pack_mask(mask)
+        bits = None if mask is None else pack_mask(mask)
         return native.tree_attention(q, k_cache, v_cache, prefix_len, bits, region)
 
     def kv_compact(self, arena, start, nodes):

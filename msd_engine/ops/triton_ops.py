@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from msd_engine.kv_cache import pack_mask
 from msd_engine.ops.torch_ops import TorchOps
 
 
@@ -43,7 +44,7 @@ class TritonOps(TorchOps):
 
     def cached_attention(self, q, k_cache, v_cache, prefix_len, mask):
         region = q.shape[0] if mask is None else mask.shape[1]
-        bits = None if mask is None else self._tree_attention.pack_mask(mask)
+        bits = None if mask is None else pack_mask(mask)
         return self._tree_attention.tree_attention(q, k_cache, v_cache, prefix_len, bits, region)
 
     def kv_compact(self, arena, start, nodes):
