@@ -99,6 +99,10 @@ def _more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
+def _cast(tensor: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+
+
 def read_checked(path: Path, check: Callable[[dict[str, Shape], str], None], dtype: torch.dtype,
                  device: str) -> dict[str, torch.Tensor]:
     """Read a safetensors file after `check(names_and_shapes, source)` has accepted its header."""
@@ -106,7 +110,8 @@ def read_checked(path: Path, check: Callable[[dict[str, Shape], str], None], dty
         with safe_open(str(path), framework="pt", device="cpu") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
             check(shapes, str(path))
-            return {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in shapes}
+            # floating tensors take the load dtype; integer ones (a draft's token-id list) keep theirs
+            return {name: _cast(f.get_tensor(name), device, dtype) for name in shapes}
     except SafetensorError as exc:
         raise ValueError(f"{path}: corrupt or unreadable safetensors file ({exc})") from exc
 

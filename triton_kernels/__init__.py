@@ -7,6 +7,6 @@ modules, so `triton_kernels.rms_norm` is never ambiguous between a module and a 
 On a CPU machine the kernels run in the Triton interpreter only if TRITON_INTERPRET=1 is set
 before this package is imported (float16 / float32 only: it cannot compute bfloat16).
 """
-from . import draft_fc, kv_compact, rms_norm, silu_mul, tree_attention
+from . import draft_fc, kv_compact, lm_head_topk, rms_norm, rope_kv_write, silu_mul, tree_attention
 
-__all__ = ["draft_fc", "kv_compact", "rms_norm", "silu_mul", "tree_attention"]
+__all__ = ["draft_fc", "kv_compact", "lm_head_topk", "rms_norm", "rope_kv_write", "silu_mul", "tree_attention"]

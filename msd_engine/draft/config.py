@@ -2,6 +2,7 @@
 
 mode "msd": image-span positions take the raw projector output and bypass `fc` (decoupled).
 mode "eagle": every position goes through `fc`, image positions included (the baseline).
+draft_vocab_size > 0: the draft proposes only tokens of its reduced vocabulary (see `DraftConfig`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ class DraftConfig:
     head_dim: int = 0  # 0 = hidden_size // num_heads
     mode: str = "msd"
     dtype: str = "float16"
+    # Reduced draft vocabulary: 0 drafts over the whole vocabulary; N > 0 drafts over the N target
+    # token ids in the checkpoint's `draft_vocab` tensor (the target still verifies over all of them,
+    # so the output is unchanged; only the draft's lm_head shrinks).
+    draft_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in DRAFT_MODES:
@@ -35,6 +40,9 @@ class DraftConfig:
         for name in ("hidden_size", "intermediate_size", "vocab_size", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"draft {name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft draft_vocab_size {self.draft_vocab_size} outside 0..vocab_size {self.vocab_size} "
+                             "(0 = the whole vocabulary)")
         if self.head_dim < 0:
             raise ValueError(f"draft head_dim must be >= 0 (0 = hidden_size // num_heads), got {self.head_dim}")
         if self.head_dim == 0:

@@ -1,7 +1,8 @@
 """The draft head: fc over [embedding, target feature] (or the visual bypass), one Llama layer.
 
 Layer without input norm and without a final norm: x = x + attn(x); x = x + mlp(post_norm(x)).
-Its logits come from the TARGET's lm_head.
+Its logits come from the TARGET's lm_head, or from the rows of it that the draft's reduced
+vocabulary keeps (`draft_vocab`: target token ids; the draft then proposes only those tokens).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Optional
 import torch
 
 from msd_engine.draft.config import DraftConfig
+from msd_engine.draft.weights import DRAFT_VOCAB_KEY
 from msd_engine.kv_cache import KVCache, StepState
 from msd_engine.model.llama import LlamaLayer, rotary_tables
 from msd_engine.ops import TorchOps
@@ -29,7 +31,8 @@ class DraftModel:
         self.layer = LlamaLayer(input_norm=torch.empty(0), qkv_proj=qkv, o_proj=weights[p + "self_attn.o_proj.weight"],
                                 post_attention_norm=weights[p + "post_attention_layernorm.weight"],
                                 gate_up_proj=gate_up, down_proj=weights[p + "mlp.down_proj.weight"])
-        self.lm_head = target_lm_head
+        self.vocab_ids: Optional[torch.Tensor] = weights.get(DRAFT_VOCAB_KEY)  # [Vd] int64 target ids, or None
+        self.lm_head = target_lm_head if self.vocab_ids is None else target_lm_head[self.vocab_ids].contiguous()
         self.cos, self.sin = rotary_tables(config, max_seq_len, self.fc_weight.dtype, self.fc_weight.device)
 
     def plan_step(self, positions: torch.Tensor, start: int, mask: Optional[torch.Tensor],
@@ -56,16 +59,24 @@ class DraftModel:
         t, d = x.shape[0], cfg.head_dim
         qkv = ops.linear(x, layer.qkv_proj)
         q, k, v = qkv.view(t, -1, d).split([cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
-        q = ops.rope(q, step.cos, step.sin)
-        k = ops.rope(k, step.cos, step.sin)
         k_cache, v_cache = cache.layer(0)
-        ops.kv_write(k_cache, v_cache, k, v, step.start)
+        q = ops.rope_kv_write(q, k, v, step.cos, step.sin, k_cache, v_cache, step.start)  # rope(k), v cached
         attn = ops.attention(q, k_cache, v_cache, step)
         h = x + ops.linear(attn.reshape(t, cfg.num_heads * d), layer.o_proj)
         mlp_in = ops.rms_norm(h, layer.post_attention_norm, cfg.rms_norm_eps)
         return h + ops.linear(ops.silu_mul(ops.linear(mlp_in, layer.gate_up_proj)), layer.down_proj)
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, H] -> [T, V] float32 log-probabilities through the target's lm_head."""
+        """[T, H] -> [T, Vd] float32 log-probabilities over the draft's vocabulary (column j is
+        target token `vocab_ids[j]`, or j itself without a reduced vocabulary)."""
         with self.ops.step_scope(hidden.shape[0]):
             return torch.log_softmax(self.ops.linear(hidden, self.lm_head).float(), dim=-1)
+
+    def top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, H] -> the k most likely next tokens per row: (log-probs [T, k] float32, best first;
+        target token ids [T, k]). One fused lm_head + log-softmax + top-k where the backend has it."""
+        if not 1 <= k <= self.lm_head.shape[0]:
+            raise ValueError(f"top_k {k} outside 1..{self.lm_head.shape[0]} (the draft's vocabulary)")
+        with self.ops.step_scope(hidden.shape[0]):
+            values, index = self.ops.logsoftmax_topk(hidden, self.lm_head, k)
+        return values, index if self.vocab_ids is None else self.vocab_ids[index]

@@ -11,13 +11,14 @@ from msd_engine.weights import read_checked
 
 Shape = tuple[int, ...]
 DRAFT_WEIGHTS_FILE = "model.safetensors"
+DRAFT_VOCAB_KEY = "draft_vocab"  # int64 [draft_vocab_size]: the target token ids the draft proposes
 
 
 def draft_expected_shapes(config: DraftConfig) -> dict[str, Shape]:
     """The released MSD draft checkpoint, name -> shape (no lm_head: the target's is used)."""
     h, f, d = config.hidden_size, config.intermediate_size, config.head_dim
     p = "layers.0."
-    return {
+    shapes = {
         "embed_tokens.weight": (config.vocab_size, h),
         "fc.weight": (h, 2 * h),
         "fc.bias": (h,),
@@ -30,6 +31,9 @@ def draft_expected_shapes(config: DraftConfig) -> dict[str, Shape]:
         p + "mlp.down_proj.weight": (h, f),
         p + "post_attention_layernorm.weight": (h,),
     }
+    if config.draft_vocab_size:
+        shapes[DRAFT_VOCAB_KEY] = (config.draft_vocab_size,)
+    return shapes
 
 
 def check_draft_tensors(shapes: dict[str, Shape], config: DraftConfig, source: str) -> None:
@@ -74,3 +78,13 @@ def check_embedding_matches(draft_embed: torch.Tensor, target_embed: torch.Tenso
     if (a - b).abs().max() > tol:
         raise ValueError(f"{source}: draft embed_tokens differ from the target's embedding: "
                          "this draft was trained for another target")
+
+
+def check_draft_vocab(ids: torch.Tensor, vocab_size: int, source: str) -> None:
+    """A reduced draft vocabulary is strictly ascending target token ids in [0, vocab_size)."""
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{source}: {DRAFT_VOCAB_KEY!r} must hold integer token ids, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{source}: {DRAFT_VOCAB_KEY!r} has token ids outside 0..{vocab_size - 1}")
+    if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        raise ValueError(f"{source}: {DRAFT_VOCAB_KEY!r} must be strictly ascending (sorted, no repeats)")

@@ -85,9 +85,7 @@ class LlamaModel:
         t, d = h.shape[0], cfg.head_dim
         qkv = ops.linear(h, layer.qkv_proj)  # [T, (Hq + 2 Hkv) * D]
         q, k, v = qkv.view(t, -1, d).split([cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
-        q = ops.rope(q, step.cos, step.sin)
-        k = ops.rope(k, step.cos, step.sin)
-        ops.kv_write(k_cache, v_cache, k, v, step.start)
+        q = ops.rope_kv_write(q, k, v, step.cos, step.sin, k_cache, v_cache, step.start)  # rope(k), v cached
         out = ops.attention(q, k_cache, v_cache, step)  # [T, Hq, D]
         return ops.linear(out.reshape(t, cfg.num_heads * d), layer.o_proj)
 

@@ -68,6 +68,13 @@ class TorchOps:
         k_cache[:, start:start + t].copy_(k.transpose(0, 1))
         v_cache[:, start:start + t].copy_(v.transpose(0, 1))
 
+    def rope_kv_write(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
+        """rope(k) and v into cache slots start..start+T; returns rope(q). q [T, Hq, D], k/v [T, Hkv, D]."""
+        q_rot = self.rope(q, cos, sin)
+        self.kv_write(k_cache, v_cache, self.rope(k, cos, sin), v, start)
+        return q_rot
+
     def kv_compact(self, arena: torch.Tensor, start: int, nodes: torch.Tensor) -> None:
         """Move slot start + nodes[j] to start + j in every layer, K and V: arena [2, L, Hkv, S, D].
 
@@ -76,6 +83,12 @@ class TorchOps:
         """
         m = int(nodes.shape[0])
         arena[:, :, :, start:start + m] = arena[:, :, :, nodes + start]
+
+    # ---- lm_head ---------------------------------------------------------------------------------
+    def logsoftmax_topk(self, hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most likely tokens per row of log_softmax(hidden [T, H] @ weight [V, H].T): (log-probs
+        [T, k] float32, descending; indices [T, k] int64). Equal values come in torch.topk's order."""
+        return torch.topk(torch.log_softmax(self.linear(hidden, weight).float(), dim=-1), k, dim=-1)
 
     # ---- draft head ----------------------------------------------------------------------------
     def draft_inputs(self, token_ids: torch.Tensor, embed: torch.Tensor, features: torch.Tensor,

@@ -1,7 +1,8 @@
 """Triton backend: the torch op table with the Triton kernels of `msd_engine.triton_kernels` swapped in.
 
 Replaced: RMSNorm (+ residual), SwiGLU, tree-masked attention (split-KV, one pass over each K/V
-block for all T queries of a KV group), all-layer KV compaction, and the fused draft-head input.
+block for all T queries of a KV group), all-layer KV compaction, the fused draft-head input, RoPE
+fused with the KV-cache write, and the lm_head fused with log-softmax + top-k.
 """
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ class TritonOps(TorchOps):
             raise RuntimeError(f"backend 'triton' needs a CUDA device (got {device}); on a CPU it runs only "
                                "under the Triton interpreter (TRITON_INTERPRET=1, slow, for tests)")
         # modules, not functions
-        from msd_engine.triton_kernels import draft_fc, kv_compact, rms_norm, silu_mul, tree_attention
+        from msd_engine.triton_kernels import (draft_fc, kv_compact, lm_head_topk, rms_norm, rope_kv_write,
+                                               silu_mul, tree_attention)
         self._rms_norm = rms_norm
         self._silu_mul = silu_mul
         self._tree_attention = tree_attention
         self._kv_compact = kv_compact
         self._draft_fc = draft_fc
+        self._rope_kv_write = rope_kv_write
+        self._lm_head_topk = lm_head_topk
 
     def rms_norm(self, x, weight, eps):
         return self._rms_norm.rms_norm(x, weight, eps)
@@ -52,3 +56,9 @@ class TritonOps(TorchOps):
 
     def draft_inputs(self, token_ids, embed, features, image_rows, is_image, fc_weight, fc_bias, bypass):
         return self._draft_fc.draft_fc(token_ids, embed, features, image_rows, is_image, fc_weight, fc_bias, bypass)
+
+    def rope_kv_write(self, q, k, v, cos, sin, k_cache, v_cache, start):
+        return self._rope_kv_write.rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, start)
+
+    def logsoftmax_topk(self, hidden, weight, k):
+        return self._lm_head_topk.logsoftmax_topk(hidden, weight, k)

@@ -13,7 +13,7 @@ import torch
 
 from msd_engine.draft.model import DraftModel
 from msd_engine.kv_cache import KVCache
-from msd_engine.spec.tree import DraftTree, TreeCandidates, TreeParams, expand_frontier, root_level, select_tree
+from msd_engine.spec.tree import DraftTree, TreeCandidates, TreeParams, expand_topk, select_tree
 
 
 class Drafter(Protocol):
@@ -70,7 +70,7 @@ class TreeDrafter:
         device = self.last_hidden.device
         committed = self.cache.length
         candidates = TreeCandidates()
-        tokens, scores = root_level(model.log_probs(self.last_hidden[None])[0], k)
+        scores, tokens = (row[0] for row in model.top_k(self.last_hidden[None], k))
         frontier_ids = torch.arange(candidates.add_level(tokens, scores, torch.full_like(tokens, -1)),
                                     candidates.num_candidates, device=tokens.device)
         parent_hidden = self.last_hidden.expand(tokens.shape[0], -1)
@@ -82,7 +82,8 @@ class TreeDrafter:
             mask = torch.cat([ancestors, torch.eye(n, dtype=torch.bool, device=device)], dim=1)
             positions = torch.full((n,), committed + level - 1, device=device)
             hidden = model.forward(x, model.plan_step(positions, start, mask, prefix_len=committed), self.cache)
-            child_tokens, child_scores, parent_slot, next_idx = expand_frontier(scores, model.log_probs(hidden), k)
+            child_logprobs, child_ids = model.top_k(hidden, k)
+            child_tokens, child_scores, parent_slot, next_idx = expand_topk(scores, child_logprobs, child_ids)
             first = candidates.add_level(child_tokens, child_scores, frontier_ids[parent_slot])
             chosen_parent = parent_slot[next_idx]
             frontier_ids = first + next_idx

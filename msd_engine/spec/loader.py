@@ -7,7 +7,8 @@ import torch
 
 from msd_engine.draft.config import DraftConfig
 from msd_engine.draft.model import DraftModel
-from msd_engine.draft.weights import check_draft_fits_target, check_embedding_matches, load_draft_weights
+from msd_engine.draft.weights import (DRAFT_VOCAB_KEY, check_draft_fits_target, check_draft_vocab,
+                                      check_embedding_matches, load_draft_weights)
 from msd_engine.model.llava import LlavaModel
 from msd_engine.ops import TorchOps
 from msd_engine.spec.drafter import TreeDrafter
@@ -23,6 +24,12 @@ def load_drafter(draft_dir: Path, target: LlavaModel, ops: TorchOps, max_seq_len
     check_draft_fits_target(config, target.config, str(draft_dir))
     weights = load_draft_weights(draft_dir, config, dtype, str(device))
     check_embedding_matches(weights["embed_tokens.weight"], target.text.embed_tokens, str(draft_dir))
+    if DRAFT_VOCAB_KEY in weights:
+        check_draft_vocab(weights[DRAFT_VOCAB_KEY], config.vocab_size, str(draft_dir))
+        weights[DRAFT_VOCAB_KEY] = weights[DRAFT_VOCAB_KEY].long()
+    vocab = config.draft_vocab_size or config.vocab_size
+    if tree.top_k > vocab:
+        raise ValueError(f"{draft_dir}: tree top_k {tree.top_k} exceeds the draft's vocabulary of {vocab} tokens")
     with torch.inference_mode():
         # Tree nodes sit up to `depth` positions past the committed sequence.
         model = DraftModel(config, weights, target.text.lm_head, ops, max_seq_len + tree.depth)

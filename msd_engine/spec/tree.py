@@ -144,11 +144,22 @@ def expand_frontier(frontier_scores: Tensor, child_logprobs: Tensor,
     if not 1 <= top_k <= child_logprobs.shape[1]:
         raise ValueError(f"top_k must be in [1, V={child_logprobs.shape[1]}], got {top_k}")
     logprobs, tokens = torch.topk(child_logprobs, top_k, dim=-1)             # [n, k]
-    scores = frontier_scores.float()[:, None] + logprobs.float()            # [n, k]
-    slot = torch.arange(n, device=tokens.device)[:, None].expand(n, top_k).reshape(-1)  # [n*k]
+    return expand_topk(frontier_scores, logprobs, tokens)
+
+
+def expand_topk(frontier_scores: Tensor, child_logprobs: Tensor,
+                child_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`expand_frontier` from each frontier node's top-k children already chosen (by a fused
+    lm_head + log-softmax + top-k): child_logprobs, child_tokens [n, k], each row best first."""
+    n, top_k = child_tokens.shape
+    if frontier_scores.shape != (n,) or child_logprobs.shape != child_tokens.shape:
+        raise ValueError(f"expand_topk: want frontier_scores [n], child_logprobs and child_tokens [n, k], got "
+                         f"{tuple(frontier_scores.shape)}, {tuple(child_logprobs.shape)}, {tuple(child_tokens.shape)}")
+    scores = frontier_scores.float()[:, None] + child_logprobs.float()      # [n, k]
+    slot = torch.arange(n, device=child_tokens.device)[:, None].expand(n, top_k).reshape(-1)  # [n*k]
     scores = scores.reshape(-1)
     order = torch.sort(scores, descending=True, stable=True).indices        # [n*k]
-    return tokens.reshape(-1), scores, slot, order[:top_k]
+    return child_tokens.reshape(-1), scores, slot, order[:top_k]
 
 
 def select_tree(root_token: int, candidates: TreeCandidates, total_tokens: int) -> DraftTree:
