@@ -39,7 +39,7 @@ def draft_config_from_hf(hf: Mapping, where: str, mode: str, dtype: str) -> Draf
                            vocab_size=int(hf_get(hf, "vocab_size", LLAMA_DEFAULTS)),
                            rms_norm_eps=float(hf_get(hf, "rms_norm_eps", LLAMA_DEFAULTS)),
                            rope_theta=rope_theta(hf, where), head_dim=int(hf.get("head_dim") or 0),
-                           mode=mode, dtype=dtype)
+                           mode=mode, dtype=dtype, draft_vocab_size=int(hf.get("draft_vocab_size") or 0))
     except ValueError as exc:
         raise ConversionError(f"{where}: {exc}") from exc
 
@@ -49,7 +49,8 @@ def save_draft(dst: Path, config: DraftConfig, tensors: Mapping[str, torch.Tenso
     """Validate, cast to config.dtype and write a converted draft directory atomically."""
     check_draft_tensors({k: tuple(v.shape) for k, v in tensors.items()}, config, str(dst))
     dtype = getattr(torch, config.dtype)
-    out = {name: tensors[name].to(dtype).contiguous()
+    # floating tensors take config.dtype; the int64 draft vocabulary (token ids) stays as it is
+    out = {name: (tensors[name].to(dtype) if tensors[name].is_floating_point() else tensors[name]).contiguous()
            for name in progress_bar(draft_expected_shapes(config), len(tensors), "draft", progress)}
     with atomic_output_dir(dst, force) as tmp:
         config.save(tmp / CONFIG_FILE)

@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from pathlib import Path
 
 TRAIN_COMMANDS = ("train-data", "train", "eval-draft")
 DEVICES = ["cpu", "cuda"]
 DTYPES = ["float32", "float16", "bfloat16"]
+DEFAULT_MAX_LEN = 2048
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,14 +25,20 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--data", required=True, type=Path, help="ShareGPT- or LLaVA-style JSON")
     p.add_argument("--images", type=Path, default=None, help="image folder (default: the JSON's folder)")
     p.add_argument("--out", required=True, type=Path, help="shard directory (resumed when it has a manifest)")
-    p.add_argument("--max-len", type=int, default=2048, help="skip conversations longer than this (tokens)")
+    p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN, help="skip conversations longer than this (tokens)")
     p.add_argument("--regenerate", action="store_true", help="replace answers by the target's greedy answers")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit with --regenerate")
     p.add_argument("--shard-size", type=int, default=256, help="records per shard")
 
-    p = sub.add_parser("train", help="train a draft head on recorded shards")
+    p = sub.add_parser("train", help="train a draft head on recorded shards, or on conversations on the fly")
     _add_model_args(p)
-    p.add_argument("--data", required=True, type=Path, help="shard directory (msd-engine train-data)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="shard directory (msd-engine train-data), or a ShareGPT/LLaVA conversations JSON file: "
+                        "then the target computes each batch's features as training goes (nothing stored)")
+    p.add_argument("--images", type=Path, default=None,
+                   help="with a conversations JSON: image folder (default: the JSON's folder)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help=f"with a conversations JSON: skip conversations longer than this (default {DEFAULT_MAX_LEN})")
     p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, metrics)")
     p.add_argument("--mode", default="msd", choices=["msd", "eagle"])
     p.add_argument("--epochs", type=int, default=40)
@@ -43,6 +51,11 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="reduced draft vocabulary: the N most frequent answer tokens of the data, EOS included "
+                        "(0: the whole vocabulary)")
+    p.add_argument("--no-autocast", action="store_true",
+                   help="train in float32 on CUDA too (default there: bf16 autocast of forward and loss)")
 
     p = sub.add_parser("eval-draft", help="acceptance length (tau) of a converted draft on prompts")
     _add_model_args(p)
@@ -86,30 +99,82 @@ def run_train_data(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from msd_engine.draft.init import draft_config_for
-    from msd_engine.engine import Engine
+    """Under torchrun (WORLD_SIZE > 1) every rank runs this; rank 0 alone writes and prints."""
+    from msd_engine.train import distributed
     from msd_engine.train.curriculum import Curriculum
-    from msd_engine.train.data import read_shards
-    from msd_engine.train.plot import plot_metrics
-    from msd_engine.train.trainer import METRICS_FILE, train_draft
 
     _positive(epochs=args.epochs, batch_size=args.batch_size)
+    if args.draft_vocab < 0:
+        raise ValueError(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {args.draft_vocab}")
     text = args.text_epochs if args.text_epochs is not None else args.epochs // 2
     ramp = args.ramp_epochs if args.ramp_epochs is not None else max(0, args.epochs - text - 1)
     curriculum = Curriculum(text, ramp, args.epochs)  # validates the epoch split
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=16)
-    records = read_shards(args.data, hidden_size=engine.config.text.hidden_size)
-    config = draft_config_for(engine.config, args.mode)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    env = distributed.init_from_env() if launched else distributed.current()
+    try:
+        return _run_train(args, curriculum, env)
+    finally:
+        if launched:
+            distributed.shutdown()
+
+
+def _run_train(args: argparse.Namespace, curriculum, env) -> int:
+    from msd_engine.draft.init import draft_config_for
+    from msd_engine.train.plot import plot_metrics
+    from msd_engine.train.trainer import METRICS_FILE, train_draft
+    from msd_engine.train.vocab import frequent_tokens
+
+    engine, source, what = _training_source(args, env)
+    draft_vocab = None
+    if args.draft_vocab:
+        draft_vocab = frequent_tokens(source.token_records(), args.draft_vocab, always=engine.config.eos_token_ids,
+                                      vocab_size=engine.config.text.vocab_size)
+    config = draft_config_for(engine.config, args.mode, draft_vocab_size=args.draft_vocab)
     text_model = engine.model.text
-    result = train_draft(records, text_model.lm_head, text_model.embed_tokens, config, args.out, epochs=args.epochs,
+    result = train_draft(source, text_model.lm_head, text_model.embed_tokens, config, args.out, epochs=args.epochs,
                          lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size, curriculum=curriculum,
-                         save_every=args.save_every, seed=args.seed, resume=args.resume)
+                         save_every=args.save_every, seed=args.seed, resume=args.resume, draft_vocab=draft_vocab,
+                         autocast=False if args.no_autocast else None)
+    if not env.is_main():
+        return 0
     metrics = Path(args.out) / METRICS_FILE
     png = plot_metrics(metrics, metrics.with_suffix(".png"))
-    print(f"{len(records)} records, {result.step} steps; metrics {metrics}, plot {png}")
+    print(f"{what}, {result.step} steps; metrics {metrics}, plot {png}")
     print(f"final checkpoint: {result.checkpoint} (msd-engine convert msd-draft {result.checkpoint} DST "
           f"--mode {args.mode})")
     return 0
+
+
+def _training_source(args: argparse.Namespace, env):
+    """(target engine, RecordSource, a one-line description): shards in memory, or a conversations
+    JSON whose records the target builds on the fly (each rank only its own)."""
+    from msd_engine.engine import Engine
+    from msd_engine.train.data import read_conversations, read_shards
+    from msd_engine.train.source import ConversationSource, RecordList
+
+    if not args.data.exists():
+        raise FileNotFoundError(f"{args.data}: not found (give a shard directory or a conversations JSON)")
+    device = args.device
+    if env.device.type == "cuda":  # NCCL: one GPU per rank
+        if args.device != "cuda":
+            raise ValueError(f"--device {args.device} under an NCCL launch; use --device cuda")
+        device = env.device
+    if args.data.is_dir():
+        if args.images is not None or args.max_len is not None:
+            raise ValueError("--images and --max-len apply to a conversations JSON (on-the-fly training), "
+                             f"not to the shard directory {args.data}")
+        engine = Engine.load(args.model, device=device, dtype=args.dtype, max_seq_len=16)  # head and embedding only
+        records = read_shards(args.data, hidden_size=engine.config.text.hidden_size)
+        return engine, RecordList(records), f"{len(records)} records"
+    max_len = args.max_len if args.max_len is not None else DEFAULT_MAX_LEN
+    _positive(max_len=max_len)
+    conversations, skips = read_conversations(args.data, args.images)
+    engine = Engine.load(args.model, device=device, dtype=args.dtype, max_seq_len=max_len)
+    source = ConversationSource(engine, conversations, max_len, skips)
+    counts = source.skips.to_dict()
+    what = (f"{len(source)} conversations on the fly (skipped: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items()) + f", total {sum(counts.values())})")
+    return engine, source, what
 
 
 def _read_prompts(path: Path, image_dir) -> list[tuple[str, Path | None]]:

@@ -2,7 +2,8 @@
 
 `read_conversations` parses the JSON and skips bad items with a count per reason (never silently).
 `build_record` formats a conversation with the target's template, runs the target once over it and
-returns a `DraftRecord` whose loss mask is 1 exactly on the assistant answers (each with its `</s>`).
+returns a `DraftRecord` whose loss mask is 1 exactly on the assistant answers (each with its `</s>`);
+with `regenerate` the answers are the target's own greedy ones, built in token space (`regenerate.py`).
 Records are stored as sharded safetensors with a `manifest.json`, rewritten atomically after each
 shard, so an interrupted `msd-engine train-data` run resumes where its last shard ended.
 """
@@ -145,67 +146,55 @@ def _image_path(item: dict, image_root: Path) -> Optional[Path]:
 # Records
 
 
+def template_ids(engine: "Engine", turns: Sequence[tuple[str, Optional[str]]], num_images: int) -> list[int]:
+    """Ids (image tags unexpanded) of `turns` rendered with the engine's prompt template."""
+    cfg = engine.config
+    return encode_prompt(engine.tokenizer, format_conversation(cfg.prompt_template, turns, num_images, cfg.image_token),
+                         cfg.image_token, cfg.image_token_id)
+
+
+def expand_with_mask(engine: "Engine", ids: list[int], mask: list[int],
+                     num_images: int) -> tuple[list[int], list[int]]:
+    """Each image tag expanded to the image's span (mask 0 there)."""
+    cfg = engine.config
+    if cfg.vision is None:
+        return ids, mask
+    per = cfg.vision.num_image_tokens
+    expanded = expand_image_tokens(ids, cfg.image_token_id, per, num_images)
+    return expanded, [m for t, m in zip(ids, mask) for _ in range(per if t == cfg.image_token_id else 1)]
+
+
 def conversation_ids(engine: "Engine", turns: Sequence[tuple[str, str]], num_images: int) -> tuple[list[int], list[int]]:
     """(expanded ids, loss mask) of a conversation: mask 1 on each answer's tokens and its `</s>`.
 
     Answer spans are found as differences of prefix tokenisations (up to "ASSISTANT:" and up to the
     answer's end), each checked to be a prefix of the whole conversation's ids."""
-    cfg = engine.config
-
-    def ids_of(t: Sequence[tuple[str, Optional[str]]]) -> list[int]:
-        return encode_prompt(engine.tokenizer, format_conversation(cfg.prompt_template, t, num_images, cfg.image_token),
-                             cfg.image_token, cfg.image_token_id)
-
-    full = ids_of(turns)
+    full = template_ids(engine, turns, num_images)
     mask = [0] * len(full)
     for k in range(len(turns)):
-        start, end = ids_of(list(turns[:k]) + [(turns[k][0], None)]), ids_of(turns[:k + 1])
+        start = template_ids(engine, list(turns[:k]) + [(turns[k][0], None)], num_images)
+        end = template_ids(engine, turns[:k + 1], num_images)
         if full[:len(start)] != start or full[:len(end)] != end:
             raise _Skip("malformed", f"turn {k} does not tokenise as a prefix of the conversation")
         mask[len(start):len(end)] = [1] * (len(end) - len(start))
-    if cfg.vision is None:
-        return full, mask
-    per = cfg.vision.num_image_tokens
-    ids = expand_image_tokens(full, cfg.image_token_id, per, num_images)
-    expanded_mask = [m for t, m in zip(full, mask) for _ in range(per if t == cfg.image_token_id else 1)]
-    return ids, expanded_mask
-
-
-def regenerate_answers(engine: "Engine", conversation: Conversation, max_new_tokens: int) -> Conversation:
-    """The conversation with each answer replaced by the target's greedy answer to it."""
-    pixels = pixel_values_for(engine.config, [conversation.image] if conversation.image else [])
-    n = 0 if pixels is None else 1
-    cfg = engine.config
-    turns: list[tuple[str, str]] = []
-    for question, _ in conversation.turns:
-        text = format_conversation(cfg.prompt_template, turns + [(question, None)], n, cfg.image_token)
-        ids = encode_prompt(engine.tokenizer, text, cfg.image_token, cfg.image_token_id)
-        answer = engine.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=max_new_tokens,
-                                 speculative=False).text.strip()
-        if not answer:
-            raise _Skip("no_assistant_turn", "the target's regenerated answer is empty")
-        turns.append((question, answer))
-    return Conversation(conversation.id, turns, conversation.image)
+    return expand_with_mask(engine, full, mask, num_images)
 
 
 def build_record(engine: "Engine", conversation: Conversation, max_len: int, *, regenerate: bool = False,
                  max_new_tokens: int = 512, skips: Optional[SkipCounts] = None) -> Optional[DraftRecord]:
     """Run the target once over the formatted conversation; None (counted in `skips`) when the
-    sequence is longer than `max_len` (or the engine's cache) or cannot be formatted."""
+    sequence is longer than `max_len` (or the engine's cache) or cannot be formatted.
+
+    regenerate: every answer is the target's own greedy answer (`regenerate.regenerated_ids`)."""
     try:
-        if regenerate:
-            conversation = regenerate_answers(engine, conversation, max_new_tokens)
-        num_images = 1 if conversation.image is not None else 0
-        ids, mask = conversation_ids(engine, conversation.turns, num_images)
-        limit = min(max_len, engine.cache.max_seq_len)
-        if len(ids) > limit:
-            raise _Skip("too_long", f"{len(ids)} tokens > {limit}")
+        ids, mask = _checked_ids(engine, conversation, max_len, regenerate, max_new_tokens)
     except PromptError as e:
         _count(skips, "malformed", conversation.id, str(e))
         return None
     except _Skip as s:
         _count(skips, s.reason, conversation.id, s.detail)
         return None
+    num_images = 1 if conversation.image is not None else 0
     pixels = pixel_values_for(engine.config, [conversation.image] if num_images else [])
     input_ids = torch.tensor(ids, device=engine.device)
     first_answer = mask.index(1)
@@ -215,6 +204,33 @@ def build_record(engine: "Engine", conversation: Conversation, max_len: int, *, 
     # the records' convention (records.py): loss_mask[j] marks target position j as an assistant token
     record.loss_mask = torch.tensor(mask, dtype=torch.float32)
     return _to_cpu(record)
+
+
+def tokenize_conversation(engine: "Engine", conversation: Conversation, max_len: int,
+                          skips: Optional[SkipCounts] = None) -> Optional[tuple[list[int], list[int]]]:
+    """(expanded ids, loss mask) exactly as `build_record` (without regeneration) would record them, or
+    None (counted in `skips`) where it would skip; no target forward, so it is cheap."""
+    try:
+        return _checked_ids(engine, conversation, max_len)
+    except PromptError as e:
+        _count(skips, "malformed", conversation.id, str(e))
+    except _Skip as s:
+        _count(skips, s.reason, conversation.id, s.detail)
+    return None
+
+
+def _checked_ids(engine: "Engine", conversation: Conversation, max_len: int, regenerate: bool = False,
+                 max_new_tokens: int = 0) -> tuple[list[int], list[int]]:
+    limit = min(max_len, engine.cache.max_seq_len)
+    if regenerate:
+        from msd_engine.train.regenerate import regenerated_ids  # it builds on this module's helpers
+
+        ids, mask = regenerated_ids(engine, conversation, limit, max_new_tokens)
+    else:
+        ids, mask = conversation_ids(engine, conversation.turns, 1 if conversation.image is not None else 0)
+    if len(ids) > limit:
+        raise _Skip("too_long", f"{len(ids)} tokens > {limit}")
+    return ids, mask
 
 
 def _to_cpu(r: DraftRecord) -> DraftRecord:

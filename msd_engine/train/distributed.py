@@ -76,6 +76,12 @@ def init_from_env(backend: Optional[str] = None) -> DistEnv:
     return current()
 
 
+def shutdown() -> None:
+    """Destroy the default process group (the end of a torchrun launch); a no-op without one."""
+    if _initialised():
+        dist.destroy_process_group()
+
+
 def is_main() -> bool:
     return not _initialised() or dist.get_rank() == 0
 

@@ -7,8 +7,17 @@ with `target_features[i+1]`, the target's feature one step later. Prediction i i
 feature belongs to an assistant (response) token, so the draft is never trained to predict
 features of the BOS, the image span or the instructions (which the target reads, not generates).
 The last prediction (i = N-1) has no next feature and is always excluded.
+
+Reduced draft vocabulary (`draft_vocab`, see `vocab.py`): the soft cross-entropy and the top-1
+accuracy run over the reduced head `lm_head[draft_vocab]` only. The target's next-token
+distribution is restricted to the draft vocabulary and renormalised (which is the softmax of the
+target's logits at those ids; EAGLE-3 trains its reduced head the same way), and the draft's
+log-softmax is taken over the draft vocabulary. The accuracy is then agreement within the draft
+vocabulary (the target's top-1 there). The feature regression (SmoothL1) is unchanged.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,27 +27,33 @@ NOISE_SCALE = 0.2      # uniform noise width at the reference length
 NOISE_REF_LEN = 512    # ... scaled by NOISE_REF_LEN / seq_len
 
 
-def draft_loss(pred: torch.Tensor, target_features: torch.Tensor, loss_mask: torch.Tensor,
-               lm_head: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def draft_loss(pred: torch.Tensor, target_features: torch.Tensor, loss_mask: torch.Tensor, lm_head: torch.Tensor,
+               draft_vocab: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
     """pred, target_features [B, N, H], loss_mask [B, N], lm_head [V, H] (frozen) -> (loss, stats).
 
     loss = mean over weighted positions of SmoothL1(pred[i], target[i+1]) (mean over H)
            + CE_WEIGHT * soft-CE(softmax(lm_head(target[i+1])), log_softmax(lm_head(pred[i]))).
+    draft_vocab [K] int64 (optional): both logits use only the rows `lm_head[draft_vocab]`.
     stats: loss, feature_loss, ce_loss, acc (top-1 agreement of the two logits), positions."""
     if pred.shape != target_features.shape or loss_mask.shape != pred.shape[:2]:
         raise ValueError(f"pred {list(pred.shape)}, target_features {list(target_features.shape)} and "
                          f"loss_mask {list(loss_mask.shape)} disagree (expected [B, N, H], [B, N, H], [B, N])")
+    if draft_vocab is not None:
+        if draft_vocab.dim() != 1 or draft_vocab.dtype != torch.int64:
+            raise ValueError(f"draft_vocab must be int64 [K], got {draft_vocab.dtype} {list(draft_vocab.shape)}")
+        lm_head = lm_head[draft_vocab]                     # [K, H] the reduced head
     p = pred[:, :-1]                                      # [B, N-1, H] predictions with a next feature
-    t = target_features[:, 1:].to(p.dtype)                # [B, N-1, H]
+    # targets stay float32 even when pred is bf16 (autocast): rounding them would bias the regression
+    t = target_features[:, 1:].float()                    # [B, N-1, H]
     w = loss_mask[:, 1:].to(torch.float32)                # [B, N-1] mask of the NEXT position
     denom = w.sum().clamp_min(1.0)
     # Selecting (not multiplying) keeps masked positions out of the graph: a NaN there cannot leak.
     sel = w > 0
     lm_head = lm_head.detach()  # the target's head is frozen: no gradient ever reaches it
     p, t, w = p[sel], t[sel], w[sel]                      # [M, H], [M, H], [M]
-    feature = F.smooth_l1_loss(p.float(), t.float(), reduction="none").mean(-1)  # [M]
+    feature = F.smooth_l1_loss(p.float(), t, reduction="none").mean(-1)          # [M]
     with torch.no_grad():
-        target_logits = (t @ lm_head.to(t.dtype).T).float()                       # [M, V]
+        target_logits = (t @ lm_head.float().T).float()                           # [M, V] (or [M, K])
         target_p = target_logits.softmax(-1)
     pred_logits = (p @ lm_head.to(p.dtype).T).float()                             # [M, V]
     ce = -(target_p * pred_logits.log_softmax(-1)).sum(-1)                        # [M]

@@ -3,7 +3,9 @@
 Same computation as `msd_engine.draft.model.DraftModel` (fc fusion or the MSD visual bypass, one
 Llama layer without input norm, causal MHA with RoPE, post-attention RMSNorm, SwiGLU, no final
 norm), batched. Its parameter names are the released checkpoint keys, so `state_dict()` is the
-released format (`embed_tokens.weight` frozen).
+released format (`embed_tokens.weight` frozen). With a reduced draft vocabulary
+(`config.draft_vocab_size > 0`) it also holds the non-trainable int64 buffer `draft_vocab` (the
+target token ids the draft proposes), which the checkpoint stores under that key.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from msd_engine.draft.config import DraftConfig
-from msd_engine.draft.weights import check_draft_tensors
+from msd_engine.draft.weights import DRAFT_VOCAB_KEY, check_draft_tensors
+from msd_engine.train.vocab import check_draft_vocab
 
 
 class RMSNorm(nn.Module):
@@ -109,20 +112,28 @@ class DraftModule(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)  # a frozen copy of the target's embedding
         self.fc = nn.Linear(2 * h, h, bias=True)         # columns: embedding first, then the feature
         self.layers = nn.ModuleList([DraftLayer(config)])
+        if config.draft_vocab_size:
+            # a buffer, not a parameter: saved in state_dict() (hence the checkpoint), never trained
+            self.register_buffer(DRAFT_VOCAB_KEY, torch.arange(config.draft_vocab_size, dtype=torch.int64))
 
     @classmethod
-    def from_config(cls, config: DraftConfig, target_embed: torch.Tensor, seed: int = 0,
-                    std: float = 0.02) -> "DraftModule":
-        """Random layer weights (training's start), embedding copied from the target's."""
+    def from_config(cls, config: DraftConfig, target_embed: torch.Tensor, seed: int = 0, std: float = 0.02,
+                    draft_vocab: Optional[torch.Tensor] = None) -> "DraftModule":
+        """Random layer weights (training's start), embedding copied from the target's; `draft_vocab`
+        (required exactly when config.draft_vocab_size > 0) the reduced vocabulary."""
         from msd_engine.draft.init import init_draft_weights
 
         module = cls(config)
-        module.load_weights(init_draft_weights(config, target_embed, seed, std))
+        module.load_weights(init_draft_weights(config, target_embed, seed, std, draft_vocab))
         return module
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Strict: exactly the released keys with the config's shapes."""
-        check_draft_tensors({k: tuple(v.shape) for k, v in weights.items()}, self.config, "DraftModule.load_weights")
+        """Strict: exactly the released keys with the config's shapes (plus `draft_vocab`, a valid
+        int64 id list, when the config has a reduced draft vocabulary)."""
+        source = "DraftModule.load_weights"
+        check_draft_tensors({k: tuple(v.shape) for k, v in weights.items()}, self.config, source)
+        if self.config.draft_vocab_size:
+            check_draft_vocab(weights[DRAFT_VOCAB_KEY], self.config.draft_vocab_size, self.config.vocab_size, source)
         with torch.no_grad():
             for name, param in self.state_dict(keep_vars=True).items():
                 param.copy_(weights[name])

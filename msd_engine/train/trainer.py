@@ -1,4 +1,5 @@
-"""The draft training loop over in-memory `DraftRecord`s, checkpointing in the released format.
+"""The draft training loop over a `RecordSource` (records in memory, or built by the target on the
+fly; see `source.py`), checkpointing in the released format.
 
 Each `checkpoint-STEP/` holds what `msd-engine convert msd-draft` reads (a Llama-style config.json
 with num_hidden_layers 1 and a float32 model.safetensors with the released keys) plus
@@ -8,7 +9,13 @@ Randomness is derived from `seed`: the samples and order of epoch e from (seed, 
 of record r at step s from (seed, s, r). A resumed run therefore replays exactly what an
 uninterrupted one does, and a data-parallel run (torchrun; see `distributed.py`) sees the same
 inputs as one process: every rank builds the same plan of global batches of `batch_size`, trains on
-its own part of each, and DDP averages the gradients; rank 0 alone writes metrics and checkpoints.
+its own part of each (building only those records), and DDP averages the gradients; rank 0 alone
+writes metrics and checkpoints.
+
+Precision: master weights and AdamW state are float32. On CUDA the forward and the loss run under
+bf16 autocast by default (`autocast`); on the CPU they run in float32 unless autocast is forced.
+A reduced draft vocabulary (`draft_vocab`) restricts the cross-entropy to `lm_head[draft_vocab]`
+(see `losses.py`) and is saved in the checkpoint as the `draft_vocab` tensor.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,6 +40,8 @@ from msd_engine.train.distributed import DistEnv
 from msd_engine.train.losses import NOISE_REF_LEN, NOISE_SCALE, draft_loss
 from msd_engine.train.module import DraftModule
 from msd_engine.train.records import DraftRecord
+from msd_engine.train.source import RecordSource, as_source
+from msd_engine.train.vocab import check_draft_vocab
 
 STATE_FILE = "training_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -53,7 +62,8 @@ def hf_config(config: DraftConfig) -> dict:
             "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
             "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
             "head_dim": config.head_dim, "num_hidden_layers": 1, "vocab_size": config.vocab_size,
-            "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta, "torch_dtype": "float32"}
+            "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta, "torch_dtype": "float32",
+            "draft_vocab_size": config.draft_vocab_size}
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str) -> float:
@@ -66,12 +76,11 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str) -> flo
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
 
 
-def epoch_batches(records: Sequence[DraftRecord], epoch: int, curriculum: Optional[Curriculum], seed: int,
+def epoch_batches(is_visual: Sequence[bool], epoch: int, curriculum: Optional[Curriculum], seed: int,
                   batch_size: int) -> list[list[int]]:
     """The batches (record indices) of 1-based `epoch`: curriculum selection, then a seeded shuffle."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    chosen = (list(range(len(records))) if curriculum is None
-              else curriculum.select(epoch, [r.is_visual for r in records], g))
+    chosen = list(range(len(is_visual))) if curriculum is None else curriculum.select(epoch, list(is_visual), g)
     order = [chosen[i] for i in torch.randperm(len(chosen), generator=g).tolist()]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -105,7 +114,9 @@ def save_checkpoint(out_dir: Path, module: DraftModule, optimizer, scheduler, st
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "config.json").write_text(json.dumps(hf_config(module.config), indent=2) + "\n")
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in module.state_dict().items()}
+    # floating tensors in float32; the integer draft vocabulary keeps its int64 ids
+    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+               for k, v in module.state_dict().items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "epoch": epoch, "seed": seed, "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
@@ -130,9 +141,8 @@ def restore(checkpoint: Path, module: DraftModule, optimizer, scheduler) -> dict
     return state
 
 
-def _check_args(records, config, epochs, lr, warmup_steps, batch_size, save_every, curriculum, decay) -> None:
-    if not records:
-        raise ValueError("no training records")
+def _check_args(source: RecordSource, config, epochs, lr, warmup_steps, batch_size, save_every, curriculum,
+                decay) -> None:
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("warmup_steps", warmup_steps, 0),
                              ("save_every", save_every, 0)):
         if value < low:
@@ -143,10 +153,16 @@ def _check_args(records, config, epochs, lr, warmup_steps, batch_size, save_ever
         raise ValueError(f"decay {decay!r} not one of {DECAYS}")
     if curriculum is not None and curriculum.total_epochs != epochs:
         raise ValueError(f"epochs {epochs} != curriculum.total_epochs {curriculum.total_epochs}")
-    bad = [i for i, r in enumerate(records) if r.features.shape[1] != config.hidden_size]
-    if bad:
-        raise ValueError(f"record {bad[0]}: feature width {records[bad[0]].features.shape[1]} != "
-                         f"draft hidden_size {config.hidden_size}")
+    if source.hidden_size != config.hidden_size:
+        raise ValueError(f"records of feature width {source.hidden_size} != draft hidden_size {config.hidden_size}")
+
+
+def _check_draft_vocab(draft_vocab: Optional[torch.Tensor], config: DraftConfig) -> None:
+    if (draft_vocab is not None) != bool(config.draft_vocab_size):
+        raise ValueError(f"draft_vocab {'given' if draft_vocab is not None else 'missing'} but the draft config's "
+                         f"draft_vocab_size is {config.draft_vocab_size}")
+    if draft_vocab is not None:
+        check_draft_vocab(draft_vocab, config.draft_vocab_size, config.vocab_size, "train_draft")
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -156,52 +172,53 @@ def _trim_metrics(path: Path, last_step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
-def train_draft(records: Sequence[DraftRecord], target_lm_head: torch.Tensor, target_embed: torch.Tensor,
-                config: DraftConfig, out_dir: Path, *, epochs: int, lr: float = 5e-5, warmup_steps: int = 2000,
-                batch_size: int = 1, grad_clip: float = 0.5, curriculum: Optional[Curriculum] = None,
-                save_every: int = 0, seed: int = 0, resume: bool = False, decay: str = "cosine",
-                init_std: float = 0.02, progress: bool = True) -> TrainResult:
-    """Train a draft head on `records` (float32, on CPU; on the rank's GPU under NCCL).
+def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_head: torch.Tensor,
+                target_embed: torch.Tensor, config: DraftConfig, out_dir: Path, *, epochs: int, lr: float = 5e-5,
+                warmup_steps: int = 2000, batch_size: int = 1, grad_clip: float = 0.5,
+                curriculum: Optional[Curriculum] = None, save_every: int = 0, seed: int = 0, resume: bool = False,
+                decay: str = "cosine", init_std: float = 0.02, progress: bool = True,
+                draft_vocab: Optional[torch.Tensor] = None, autocast: Optional[bool] = None) -> TrainResult:
+    """Train a draft head on `records` (a RecordSource, or DraftRecords in memory) on the rank's device.
 
     batch_size: the global batch (split evenly over the ranks when torch.distributed is initialised).
     save_every: checkpoint every that many steps (0: only at the end). resume: continue from the
     latest complete checkpoint in out_dir (starting fresh when there is none). progress: a bar with the
-    loss and top-1 accuracy on rank 0 when stderr is a terminal."""
-    _check_args(records, config, epochs, lr, warmup_steps, batch_size, save_every, curriculum, decay)
+    loss and top-1 accuracy on rank 0 when stderr is a terminal. draft_vocab: the reduced vocabulary,
+    [config.draft_vocab_size] sorted int64 ids (given exactly when config.draft_vocab_size > 0).
+    autocast: run forward and loss under bf16 autocast (None: on CUDA yes, on the CPU no)."""
+    source = as_source(records)
+    _check_args(source, config, epochs, lr, warmup_steps, batch_size, save_every, curriculum, decay)
+    _check_draft_vocab(draft_vocab, config)
     env = distributed.current()
     if batch_size % env.world_size:
         raise ValueError(f"batch_size {batch_size} (the global batch) not divisible by the world size "
                          f"{env.world_size}")
+    use_autocast = _autocast_enabled(autocast, env.device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lm_head = target_lm_head.detach().float().to(env.device)
-    module = DraftModule.from_config(config, target_embed, seed=seed, std=init_std).to(env.device)
+    module = DraftModule.from_config(config, target_embed, seed=seed, std=init_std,
+                                     draft_vocab=draft_vocab).to(env.device)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, weight_decay=0.0)
-    plan = [(e, b) for e in range(1, epochs + 1) for b in epoch_batches(records, e, curriculum, seed, batch_size)]
+    plan = [(e, b) for e in range(1, epochs + 1)
+            for b in epoch_batches(source.is_visual, e, curriculum, seed, batch_size)]
     total = len(plan)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total, decay))
-    step, metrics_path = 0, out_dir / METRICS_FILE
-    # rank 0 picks the checkpoint so that every rank restores the same one
-    checkpoint = distributed.broadcast_object(latest_checkpoint(out_dir) if resume and env.is_main() else None)
-    if checkpoint is not None:
-        step = restore(checkpoint, module, optimizer, scheduler)["step"]
-        if env.is_main():
-            _trim_metrics(metrics_path, step)
-    elif metrics_path.exists() and env.is_main():
-        metrics_path.unlink()
+    metrics_path = out_dir / METRICS_FILE
+    step, checkpoint = _start(out_dir, resume, module, optimizer, scheduler, draft_vocab, env)
     model = module
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    ctx = _Step(model, optimizer, scheduler, params, target_lm_head.detach().float().to(env.device),
+                None if draft_vocab is None else draft_vocab.to(env.device), grad_clip, use_autocast, env)
     history = []
     module.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", leave=False,
                disable=not (progress and env.is_main() and sys.stderr.isatty()))
     with bar, metrics_path.open("a") if env.is_main() else contextlib.nullcontext() as log:
         for epoch, batch in plan[step:]:
-            stats = _train_step(model, optimizer, scheduler, _local_batch(records, batch, env, seed, step), lm_head,
-                                params, grad_clip, env)
+            stats = _train_step(ctx, _local_batch(source, batch, env, seed, step))
             step += 1
             row = {"step": step, "epoch": epoch, **stats}
             history.append(row)
@@ -217,6 +234,48 @@ def train_draft(records: Sequence[DraftRecord], target_lm_head: torch.Tensor, ta
     return TrainResult(step, checkpoint, history)
 
 
+def _start(out_dir: Path, resume: bool, module: DraftModule, optimizer, scheduler,
+           draft_vocab: Optional[torch.Tensor], env: DistEnv) -> tuple[int, Optional[Path]]:
+    """(first step, the checkpoint restored or None): resume from the latest checkpoint, or start
+    afresh; the metrics of steps about to be (re-)run are dropped."""
+    metrics_path = out_dir / METRICS_FILE
+    # rank 0 picks the checkpoint so that every rank restores the same one
+    checkpoint = distributed.broadcast_object(latest_checkpoint(out_dir) if resume and env.is_main() else None)
+    if checkpoint is None:
+        if metrics_path.exists() and env.is_main():
+            metrics_path.unlink()
+        return 0, None
+    step = restore(checkpoint, module, optimizer, scheduler)["step"]
+    if draft_vocab is not None and not torch.equal(module.state_dict()["draft_vocab"].cpu(), draft_vocab.cpu()):
+        raise ValueError(f"{checkpoint} was trained with another draft vocabulary than the one given")
+    if env.is_main():
+        _trim_metrics(metrics_path, step)
+    return step, checkpoint
+
+
+def _autocast_enabled(autocast: Optional[bool], device: torch.device) -> bool:
+    enabled = device.type == "cuda" if autocast is None else bool(autocast)
+    # torch would only warn and run in float32: say so instead of silently changing the precision
+    if enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"bf16 autocast requested but {torch.cuda.get_device_name(device)} has no bf16 support; "
+                         "pass autocast=False (--no-autocast)")
+    return enabled
+
+
+@dataclass
+class _Step:
+    """What every training step uses besides its batch."""
+    model: torch.nn.Module                  # the DraftModule, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    params: list                            # the trainable parameters (gradient clipping)
+    lm_head: torch.Tensor                   # [V, H] float32 on the device, frozen
+    draft_vocab: Optional[torch.Tensor]     # [K] int64 on the device, or None (the whole vocabulary)
+    grad_clip: float
+    autocast: bool                          # bf16 autocast of forward and loss
+    env: DistEnv
+
+
 def _save(env: DistEnv, out_dir: Path, module, optimizer, scheduler, step: int, epoch: int, seed: int) -> Path:
     """Rank 0 writes (every rank holds the same state); the barrier keeps the others from running
     ahead of, or reading, a half-written checkpoint."""
@@ -230,33 +289,34 @@ def _noise_seed(seed: int, step: int, index: int) -> int:
     return ((seed * 1_000_003 + step) * 1_000_003 + index) % (1 << 63)
 
 
-def _local_batch(records: Sequence[DraftRecord], batch: list[int], env: DistEnv, seed: int,
+def _local_batch(source: RecordSource, batch: list[int], env: DistEnv, seed: int,
                  step: int) -> dict[str, Optional[torch.Tensor]]:
     """This rank's part of the global `batch`, collated on env.device, with its noisy input features.
 
-    Each record's noise comes from its own generator, keyed by (seed, step, record index), and its
-    width is scaled by the padded length of the whole global batch (as `input_noise` scales by the
-    padded length of the batch it is given): a sample's input is then the same whichever rank holds
-    it and however many ranks there are."""
+    Only this rank's records are read or built. Each record's noise comes from its own generator,
+    keyed by (seed, step, record index), and its width is scaled by the padded length of the whole
+    global batch (known from `source.lengths`, as `input_noise` scales by the padded length of the
+    batch it is given): a sample's input is then the same whichever rank holds it and however many
+    ranks there are."""
     local = distributed.shard_indices(batch, env.rank, env.world_size)
-    idle = not local
-    if idle:
-        # the epoch's last batch is shorter than the world: run its first record with zero weight
-        # so that this rank still joins DDP's gradient all-reduce
-        local = batch[:1]
-    out = collate([records[i] for i in local])
-    if idle:
-        out["loss_mask"].zero_()
-    n_global = max(records[i].token_ids.shape[0] for i in batch)
+    records = [source[i] for i in local]
+    if not records:
+        # the epoch's last batch is shorter than the world: a zero-weight stand-in keeps this rank in
+        # DDP's gradient all-reduce without reading (or building) another rank's record
+        records = [_idle_record(source.hidden_size)]
+    out = collate(records)
+    n_global = max(source.lengths[i] for i in batch)
     noise = torch.zeros_like(out["features"])                                   # [B, N, H]
     for row, index in enumerate(local):
-        m, h = records[index].features.shape
+        m, h = records[row].features.shape
         u = torch.rand((m, h), generator=torch.Generator().manual_seed(_noise_seed(seed, step, index)))
         noise[row, :m] = (u - 0.5) * NOISE_SCALE * NOISE_REF_LEN / n_global
     out["noisy"] = out["features"] + noise
-    # the global batch's loss weight, known to every rank without communication
-    out["global_weight"] = torch.tensor(sum(float(records[i].loss_mask[1:].sum()) for i in batch))
     return {k: None if v is None else v.to(env.device) for k, v in out.items()}
+
+
+def _idle_record(hidden_size: int) -> DraftRecord:
+    return DraftRecord(torch.zeros(2, dtype=torch.long), torch.zeros(2, hidden_size), torch.zeros(2))
 
 
 def _global_loss(loss: torch.Tensor, stats: dict, batch: dict, env: DistEnv) -> tuple[torch.Tensor, dict]:
@@ -264,28 +324,33 @@ def _global_loss(loss: torch.Tensor, stats: dict, batch: dict, env: DistEnv) -> 
     the global batch, and reduce the logged statistics to their global values.
 
     draft_loss is a mean over this rank's weighted positions, sum_r / d_r. The single-process loss
-    is sum_r' sum_r' / D (D: the global weight), and DDP averages gradients over the W ranks, so
+    is sum_r' sum_r' / D (D: the global weight, the sum of the d_r, reduced here with the statistics
+    so that no rank needs another rank's records), and DDP averages gradients over the W ranks, so
     rank r backpropagates loss_r * d_r * W / D; the average is then exactly grad(sum_r' sum_r' / D),
     however unevenly the positions fall on the ranks. Statistics are weighted the same way."""
-    d_r = max(float(batch["loss_mask"][:, 1:].sum()), 1.0)  # draft_loss's own denominator
-    d_global = max(float(batch["global_weight"]), 1.0)
+    weight = float(batch["loss_mask"][:, 1:].sum())  # this rank's weight (0 on an idle rank)
+    d_r = max(weight, 1.0)                            # draft_loss's own denominator
     keys = ("loss", "feature_loss", "ce_loss", "acc")
-    sums = torch.tensor([stats[k] * d_r for k in keys] + [stats["positions"]], dtype=torch.float64,
+    sums = torch.tensor([stats[k] * d_r for k in keys] + [stats["positions"], weight], dtype=torch.float64,
                         device=env.device)
     sums = distributed.all_reduce_sum(sums).tolist()
+    d_global = max(sums[-1], 1.0)
     reduced = {k: v / d_global for k, v in zip(keys, sums)}
-    return loss * (d_r * env.world_size / d_global), {**reduced, "positions": int(round(sums[-1]))}
+    return loss * (d_r * env.world_size / d_global), {**reduced, "positions": int(round(sums[-2]))}
 
 
-def _train_step(model, optimizer, scheduler, batch, lm_head, params, grad_clip, env: DistEnv) -> dict:
-    lr = optimizer.param_groups[0]["lr"]
-    pred = model(batch["token_ids"], batch["noisy"], batch["image_rows"], batch["is_image"], batch["attention_mask"])
-    loss, stats = draft_loss(pred, batch["features"], batch["loss_mask"], lm_head)
-    if env.distributed:
-        loss, stats = _global_loss(loss, stats, batch, env)
-    optimizer.zero_grad(set_to_none=True)
+def _train_step(ctx: _Step, batch: dict) -> dict:
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    # master weights stay float32; autocast only lowers the precision of the forward's matmuls
+    with torch.autocast(ctx.env.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
+        pred = ctx.model(batch["token_ids"], batch["noisy"], batch["image_rows"], batch["is_image"],
+                         batch["attention_mask"])
+        loss, stats = draft_loss(pred, batch["features"], batch["loss_mask"], ctx.lm_head, ctx.draft_vocab)
+    if ctx.env.distributed:
+        loss, stats = _global_loss(loss, stats, batch, ctx.env)
+    ctx.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # DDP's gradients are already global
-    optimizer.step()
-    scheduler.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, ctx.grad_clip)  # DDP's gradients are already global
+    ctx.optimizer.step()
+    ctx.scheduler.step()
     return {**stats, "lr": lr, "grad_norm": float(grad_norm)}
