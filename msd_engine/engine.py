@@ -142,17 +142,11 @@ class Engine:
     def stream(self, prompt: Optional[str] = None, image=None, *, input_ids: Optional[Sequence[int]] = None,
                pixel_values: Optional[torch.Tensor] = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
-               speculative: Optional[bool] = None) -> Iterator[str]:
-        """Yield text pieces as tokens are decided; their concatenation is `generate(...).text`."""
+               speculative: Optional[bool] = None) -> "TextStream":
+        """Iterate text pieces as tokens are decided; their concatenation is `generate(...).text`,
+        and once the iteration ends the stream's `.result` is what `generate` would have returned."""
         gen = GenerationConfig(max_new_tokens, temperature, top_p, seed, speculative)
-        decoder = StreamDecoder(self.tokenizer)
-        for token in self._run(prompt, image, input_ids, pixel_values, gen):
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+        return TextStream(self.tokenizer, self._run(prompt, image, input_ids, pixel_values, gen))
 
     # ---- pipeline ----------------------------------------------------------------------------
     def _run(self, prompt, image, input_ids, pixel_values, gen: GenerationConfig) -> "_TokenStream":
@@ -218,3 +212,27 @@ class _TokenStream:
         else:
             yield from decode(eng.model, eng.cache, embeds, sampler, self.gen.max_new_tokens,
                               eng.config.eos_token_ids, self.stats, self.stop)
+
+
+class TextStream:
+    """The text pieces of one request; `.result` (a GenerationResult) once they are all read."""
+
+    def __init__(self, tokenizer: Tokenizer, tokens: _TokenStream):
+        self._tokenizer = tokenizer
+        self._tokens = tokens
+        self.result: Optional[GenerationResult] = None
+
+    def __iter__(self) -> Iterator[str]:
+        decoder = StreamDecoder(self._tokenizer)
+        ids: list[int] = []
+        for token in self._tokens:
+            ids.append(token)
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+        stop = self._tokens.stop
+        self.result = GenerationResult(self._tokenizer.decode(ids), ids, stop.finish_reason or "length",
+                                       self._tokens.stats.to_dict())
