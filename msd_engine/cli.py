@@ -7,6 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 from msd_engine.convert.cli import add_convert_parser, run_convert
+from msd_engine.demo.cli import DEMO_COMMANDS, add_demo_parsers, run_demo_command
 from msd_engine.train.cli import TRAIN_COMMANDS, add_train_parsers, run_train_command
 
 
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     _add_tune_parser(sub)
     add_train_parsers(sub)
+    add_demo_parsers(sub)
     return parser
 
 
@@ -123,6 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_tune(args)
         if args.command in TRAIN_COMMANDS:
             return run_train_command(args)
+        if args.command in DEMO_COMMANDS:
+            return run_demo_command(args)
         return run_generate(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,196 @@
+"""End-to-end speed of the demo pair over the held-out prompts, all systems in one run.
+
+Systems: transformers `generate` on the same weights (bench/hf_reference.py), the engine's plain
+decoding, the engine with the `eagle` draft, the engine with the `msd` draft. For every held-out
+prompt (with and without images) and every temperature, each system generates the same number of
+tokens at most; decode tokens/s is (new tokens - 1) / (time after the first token), summed over the
+prompts of a group. tau = tokens per target verify forward. Greedy outputs of the speculative
+systems are checked equal to plain decoding's (the method is lossless); transformers' greedy agreement
+with the engine is reported too. Writes JSON and a PNG chart.
+
+    python bench/bench_e2e.py                       # all held-out prompts, greedy + temperature 1
+    python bench/bench_e2e.py --limit 8 --temperatures 0
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_reference import build_hf_llava, hf_generate  # noqa: E402
+
+from msd_engine.demo.assets import HELDOUT_PROMPTS, demo_home, export_photo, load_prompts  # noqa: E402
+from msd_engine.demo.cli import prepare  # noqa: E402
+from msd_engine.engine import Engine  # noqa: E402
+from msd_engine.request import expand_image_tokens, pixel_values_for, prompt_ids  # noqa: E402
+from msd_engine.spec.tree import TreeParams  # noqa: E402
+
+SYSTEMS = ("transformers", "plain", "eagle", "msd")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--prompts", type=Path, default=HELDOUT_PROMPTS)
+    p.add_argument("--limit", type=int, default=0, help="first N prompts of each group (0: all)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--tree", default=None, help="TOP_K,DEPTH,TOTAL (default: the engine's, tuned when cached)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "e2e_cpu.json")
+    return p.parse_args(argv)
+
+
+def select_prompts(path: Path, limit: int) -> list[dict]:
+    items = load_prompts(path)
+    groups = {"with_image": [p for p in items if p.get("image")], "text_only": [p for p in items if not p.get("image")]}
+    return [p for g in groups.values() for p in (g[:limit] if limit else g)]
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    target, msd_dir = prepare("msd")
+    _, eagle_dir = prepare("eagle")
+    tree = None
+    if args.tree:
+        k, d, n = (int(x) for x in args.tree.split(","))
+        tree = TreeParams(top_k=k, depth=d, total_tokens=n)
+    engines = {"msd": Engine.load(target, dtype="float32", max_seq_len=2048, draft=msd_dir, tree=tree)}
+    engines["eagle"] = Engine.load(target, dtype="float32", max_seq_len=2048, draft=eagle_dir, tree=engines["msd"].tree)
+    engines["plain"] = engines["msd"]
+    hf = build_hf_llava(target) if "transformers" in args.systems else None
+    images = demo_home() / "images"
+    rows = []
+    prompts = select_prompts(args.prompts, args.limit)
+    for temperature in args.temperatures:
+        for i, p in enumerate(prompts):
+            image = export_photo(p["image"], images) if p.get("image") else None
+            outputs = {}
+            for system in args.systems:
+                seed = args.seed + i
+                row = {"prompt": i, "image": p.get("image"), "temperature": temperature, "system": system}
+                if system == "transformers":
+                    eng = engines["msd"]
+                    cfg = eng.config
+                    ids = prompt_ids(cfg, eng.tokenizer, p["prompt"], 1 if image else 0)
+                    pixels = pixel_values_for(cfg, [image]) if image else None
+                    if image:
+                        ids = expand_image_tokens(ids, cfg.image_token_id, cfg.vision.num_image_tokens, 1)
+                    tokens, rate = hf_generate(hf[0], hf[1], ids, pixels, args.max_new_tokens, temperature, seed)
+                    row.update(new_tokens=len(tokens), tokens_per_s=rate)
+                else:
+                    result = engines[system].generate(p["prompt"], image=image, max_new_tokens=args.max_new_tokens,
+                                                      temperature=temperature, seed=seed,
+                                                      speculative=system != "plain")
+                    s = result.stats
+                    tokens = result.token_ids
+                    decode_s = (s.get("draft_ms", 0) + s.get("verify_ms", 0) + s.get("other_ms", 0)
+                                if system != "plain" else s["decode_ms"]) / 1e3
+                    row.update(new_tokens=s["new_tokens"], tokens_per_s=s["decode_tokens_per_s"], decode_s=decode_s)
+                    if system != "plain":
+                        row.update(tau=s["tau"], verify_forwards=s["verify_forwards"],
+                                   accepted_tokens=sum(int(n) * c for n, c in s["accepted_histogram"].items()),
+                                   draft_ms=s["draft_ms"], verify_ms=s["verify_ms"], other_ms=s["other_ms"])
+                outputs[system] = tokens
+                rows.append(row)
+            if temperature == 0 and "plain" in outputs:
+                for system in ("eagle", "msd"):
+                    if system in outputs and outputs[system] != outputs["plain"]:
+                        raise AssertionError(f"prompt {i}: {system} greedy output differs from plain decoding")
+                if "transformers" in outputs:
+                    a, b = outputs["transformers"], outputs["plain"]
+                    agree = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                    rows[-len(outputs)]["agrees_with_plain_tokens"] = agree
+            done = sum(1 for r in rows if r["system"] == args.systems[-1])
+            print(f"T={temperature:g} prompt {i + 1}/{len(prompts)}: "
+                  + ", ".join(f"{r['system']} {r['tokens_per_s']:.1f}" for r in rows[-len(args.systems):])
+                  + f"  ({done} done)", flush=True)
+    return {"rows": rows, "summary": summarise(rows, args.systems),
+            "config": {"max_new_tokens": args.max_new_tokens, "temperatures": args.temperatures,
+                       "prompts": len(prompts), "tree": dataclasses.asdict(engines["msd"].tree), "dtype": "float32", "backend": engines["msd"].backend},
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "threads": torch.get_num_threads(), "torch": torch.__version__}}
+
+
+def summarise(rows: list[dict], systems) -> dict:
+    """Per temperature and group: tok/s of each system (time-weighted), tau, speedups."""
+    out: dict = {}
+    for temperature in sorted({r["temperature"] for r in rows}):
+        for group in ("with_image", "text_only", "all"):
+            sel = [r for r in rows if r["temperature"] == temperature
+                   and (group == "all" or (r["image"] is not None) == (group == "with_image"))]
+            if not sel:
+                continue
+            entry = {}
+            for system in systems:
+                rs = [r for r in sel if r["system"] == system]
+                steps = sum(max(r["new_tokens"] - 1, 0) for r in rs)
+                secs = sum(max(r["new_tokens"] - 1, 0) / r["tokens_per_s"] for r in rs if r["tokens_per_s"] > 0)
+                e = {"tokens_per_s": steps / secs if secs else 0.0, "prompts": len(rs)}
+                if system in ("eagle", "msd"):
+                    fw = sum(r["verify_forwards"] for r in rs)
+                    e["tau"] = sum(r["accepted_tokens"] for r in rs) / fw if fw else 0.0
+                entry[system] = e
+            for system in systems:
+                for base in ("plain", "transformers"):
+                    if base in entry and entry[base]["tokens_per_s"] and system != base:
+                        entry[system][f"speedup_vs_{base}"] = entry[system]["tokens_per_s"] / entry[base]["tokens_per_s"]
+            out[f"T={temperature:g}/{group}"] = entry
+    return out
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [k for k in result["summary"] if not k.endswith("/all")]
+    systems = [s for s in SYSTEMS if any(s in result["summary"][g] for g in groups)]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(systems)
+    for j, system in enumerate(systems):
+        values = [result["summary"][g].get(system, {}).get("tokens_per_s", 0.0) for g in groups]
+        bars = ax.bar([i + j * width for i in range(len(groups))], values, width, label=system)
+        for bar, g in zip(bars, groups):
+            tau = result["summary"][g].get(system, {}).get("tau")
+            if tau:
+                ax.annotate(f"τ{tau:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(groups))], groups)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("demo pair (SmolLM2-135M + seeded CLIP), held-out prompts, CPU float32")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    result = run(args)
+    result["wall_s"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    png = plot(result, args.out.with_suffix(".png"))
+    for key, entry in result["summary"].items():
+        print(key + ": " + "; ".join(
+            f"{s} {e['tokens_per_s']:.1f} tok/s" + (f" tau {e['tau']:.2f}" if "tau" in e else "")
+            + (f" x{e['speedup_vs_plain']:.2f} plain" if "speedup_vs_plain" in e else "")
+            + (f" x{e['speedup_vs_transformers']:.2f} hf" if "speedup_vs_transformers" in e else "")
+            for s, e in entry.items()))
+    print(f"wrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""`msd-engine demo-recipe`: how the shipped demo drafts are made, in one resumable command.
+
+1. build the demo target (SmolLM2 + seeded vision tower, `target.py`);
+2. write the project's training instructions (`data/train_prompts.json`) as LLaVA-style
+   conversations, with scikit-image photographs for the image prompts;
+3. `train-data --regenerate`: the target answers every instruction greedily, and its features over
+   each conversation are recorded into shards (resumed where a previous run stopped);
+4. pick the draft vocabulary (the most frequent answer tokens, EOS always in) and train an `msd`
+   and an `eagle` draft with the project's trainer and curriculum (resumed from checkpoints);
+5. convert both, pack them into `msd_engine/demo/drafts/` and report tau on the held-out prompts.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from msd_engine.demo.assets import (HELDOUT_PROMPTS, SHIPPED_DRAFTS, TRAIN_PROMPTS, demo_home, export_photo,
+                                    load_prompts, pack_draft)
+from msd_engine.demo.target import ensure_target
+
+
+@dataclass(frozen=True)
+class Recipe:
+    max_new_tokens: int = 128   # answer length the target writes for each instruction
+    max_len: int = 1024         # tokens per conversation (prompt + image + answer)
+    draft_vocab: int = 4096     # reduced draft vocabulary (0: the whole 49k)
+    epochs: int = 16
+    text_epochs: int = 6        # curriculum stage 1 (text only)
+    ramp_epochs: int = 8        # stage 2: visual share rising linearly to 1
+    lr: float = 3e-4
+    warmup: int = 60
+    batch_size: int = 8
+    seed: int = 0
+    eval_max_new_tokens: int = 96
+
+
+def write_conversations(prompts: Sequence[dict], images_dir: Path, path: Path) -> Path:
+    """LLaVA-style conversations (the answer is a placeholder: --regenerate replaces it)."""
+    items = []
+    for i, p in enumerate(prompts):
+        item: dict = {"id": f"demo-{i:04d}",
+                      "conversations": [{"from": "human", "value": p["prompt"]}, {"from": "gpt", "value": "-"}]}
+        if p.get("image"):
+            item["image"] = export_photo(p["image"], images_dir).name
+            item["conversations"][0]["value"] = "<image>\n" + p["prompt"]
+        items.append(item)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(items, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def record_answers(target_dir: Path, work: Path, recipe: Recipe, progress: bool) -> Path:
+    from msd_engine.engine import Engine
+    from msd_engine.train.data import build_shards, read_conversations
+
+    images = work / "images"
+    conv_path = write_conversations(load_prompts(TRAIN_PROMPTS), images, work / "train.json")
+    conversations, skips = read_conversations(conv_path, images)
+    if skips.total:
+        raise RuntimeError(f"{conv_path}: {skips.to_dict()} conversations unusable; the prompt set is broken")
+    engine = Engine.load(target_dir, dtype="float32", max_seq_len=recipe.max_len)
+    shards = work / "shards"
+    writer = build_shards(engine, conversations, shards, max_len=recipe.max_len, records_per_shard=64,
+                          regenerate=True, max_new_tokens=recipe.max_new_tokens,
+                          source={"data": TRAIN_PROMPTS.name, "max_new_tokens": recipe.max_new_tokens},
+                          progress=progress)
+    print(f"recorded {sum(s['records'] for s in writer.shards)} conversations; skipped {writer.skips.to_dict()}")
+    return shards
+
+
+def train_drafts(target_dir: Path, shards: Path, work: Path, recipe: Recipe, modes: Sequence[str],
+                 ship_to: Optional[Path], progress: bool) -> dict[str, Path]:
+    from msd_engine.convert.msd_draft import convert_msd_draft
+    from msd_engine.draft.init import draft_config_for
+    from msd_engine.engine import Engine
+    from msd_engine.train.curriculum import Curriculum
+    from msd_engine.train.data import read_shards
+    from msd_engine.train.trainer import train_draft
+    from msd_engine.train.vocab import frequent_tokens
+
+    engine = Engine.load(target_dir, dtype="float32", max_seq_len=16)
+    records = read_shards(shards, hidden_size=engine.config.text.hidden_size)
+    vocab = None
+    if recipe.draft_vocab:
+        vocab = frequent_tokens(records, recipe.draft_vocab, always=engine.config.eos_token_ids,
+                                vocab_size=engine.config.text.vocab_size)
+    text = engine.model.text
+    out = {}
+    for mode in modes:
+        config = draft_config_for(engine.config, mode, draft_vocab_size=0 if vocab is None else len(vocab))
+        started = time.perf_counter()
+        result = train_draft(records, text.lm_head, text.embed_tokens, config, work / "runs" / mode,
+                             epochs=recipe.epochs, lr=recipe.lr, warmup_steps=recipe.warmup,
+                             batch_size=recipe.batch_size,
+                             curriculum=Curriculum(recipe.text_epochs, recipe.ramp_epochs, recipe.epochs),
+                             seed=recipe.seed, resume=True, progress=progress, draft_vocab=vocab)
+        last = result.metrics[-1] if result.metrics else {}
+        print(f"{mode}: {result.step} steps in {time.perf_counter() - started:.0f} s, final loss "
+              f"{last.get('loss', float('nan')):.4f}, top-1 {last.get('acc', float('nan')):.3f}")
+        dst = work / "drafts" / mode
+        convert_msd_draft(result.checkpoint, dst, mode=mode, dtype="float32", force=True, progress=False)
+        if ship_to is not None:
+            pack_draft(dst, Path(ship_to) / mode)
+        out[mode] = dst
+    return out
+
+
+def heldout_tau(target_dir: Path, draft_dir: Path, images: Path, max_new_tokens: int) -> dict[str, float]:
+    """tau of a draft over the held-out prompts, split by prompts with and without an image."""
+    from msd_engine.engine import Engine
+    from msd_engine.spec.tree import TreeParams
+
+    engine = Engine.load(target_dir, dtype="float32", max_seq_len=1024, draft=draft_dir, tree=TreeParams())
+    sums = {"with_image": [0, 0], "text_only": [0, 0]}
+    for p in load_prompts(HELDOUT_PROMPTS):
+        image = export_photo(p["image"], images) if p.get("image") else None
+        stats = engine.generate(p["prompt"], image=image, max_new_tokens=max_new_tokens, speculative=True).stats
+        group = sums["with_image" if image else "text_only"]
+        group[0] += sum(int(n) * c for n, c in stats["accepted_histogram"].items())  # tokens from verify forwards
+        group[1] += stats["verify_forwards"]
+    return {k: v[0] / max(v[1], 1) for k, v in sums.items()}
+
+
+def run_recipe(work: Optional[Path] = None, recipe: Recipe = Recipe(), modes: Sequence[str] = ("msd", "eagle"),
+               ship_to: Optional[Path] = SHIPPED_DRAFTS, progress: bool = True) -> dict:
+    work = Path(work) if work is not None else demo_home() / "recipe"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+    target = ensure_target(demo_home() / "target", progress)
+    torch.manual_seed(recipe.seed)
+    shards = record_answers(target, work, recipe, progress)
+    drafts = train_drafts(target, shards, work, recipe, modes, ship_to, progress)
+    report = {mode: heldout_tau(target, path, work / "images", recipe.eval_max_new_tokens)
+              for mode, path in drafts.items()}
+    (work / "heldout_tau.json").write_text(json.dumps(report, indent=2) + "\n")
+    for mode, taus in report.items():
+        print(f"{mode}: held-out tau " + ", ".join(f"{k} {v:.2f}" for k, v in taus.items()))
+    return report

