@@ -128,20 +128,22 @@ msd_status check_attention_sizes(int64_t num_queries, int64_t num_heads, int64_t
     return MSD_OK;
 }
 
-// Distinct (query, head) rows of `out`, given strides >= head_dim: heads nested inside query
-// rows ([T, H, D]) or query rows inside heads ([H, T, D]).
-msd_status check_out_rows(int64_t num_queries, int64_t num_heads, int64_t head_dim,
-                          int64_t row_stride, int64_t head_stride) {
-    if (num_queries == 1 || num_heads == 1 || row_stride >= num_heads * head_stride ||
-        head_stride >= num_queries * row_stride) {
+// Distinct (row, head) rows of an output `name` (strides `row_name`, `head_name`), given
+// strides >= head_dim: heads nested inside rows ([T, H, D]) or rows inside heads ([H, T, D]).
+msd_status check_out_rows(int64_t num_rows, int64_t num_heads, int64_t head_dim,
+                          int64_t row_stride, int64_t head_stride, const char* name = "out",
+                          const char* row_name = "out_row_stride",
+                          const char* head_name = "out_head_stride") {
+    if (num_rows == 1 || num_heads == 1 || row_stride >= num_heads * head_stride ||
+        head_stride >= num_rows * row_stride) {
         return MSD_OK;
     }
     return set_error(MSD_ERR_INVALID_ARGUMENT,
-                     "out_row_stride (%lld) and out_head_stride (%lld) make the [%lld, %lld] "
-                     "rows of %lld elements of out overlap",
-                     static_cast<long long>(row_stride), static_cast<long long>(head_stride),
-                     static_cast<long long>(num_queries), static_cast<long long>(num_heads),
-                     static_cast<long long>(head_dim));
+                     "%s (%lld) and %s (%lld) make the [%lld, %lld] rows of %lld elements of %s "
+                     "overlap",
+                     row_name, static_cast<long long>(row_stride), head_name,
+                     static_cast<long long>(head_stride), static_cast<long long>(num_rows),
+                     static_cast<long long>(num_heads), static_cast<long long>(head_dim), name);
 }
 
 msd_status check_tree_attention(const void* q, const void* k_cache, const void* v_cache,
@@ -205,6 +207,118 @@ msd_status check_nodes(const int64_t* nodes, int64_t num_nodes, int64_t start,
                              "(%lld) + nodes[j] < max_slots (%lld)",
                              static_cast<long long>(j), static_cast<long long>(nodes[j]),
                              static_cast<long long>(start), static_cast<long long>(max_slots));
+        }
+    }
+    return MSD_OK;
+}
+
+msd_status check_rope_kv_write(const void* q, const void* k, const void* v, const void* cos,
+                               const void* sin, void* q_out, void* k_cache, void* v_cache,
+                               int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
+                               int64_t head_dim, int64_t start, int64_t num_slots,
+                               int64_t q_row_stride, int64_t q_head_stride, int64_t kv_row_stride,
+                               int64_t kv_head_stride, int64_t table_row_stride,
+                               int64_t q_out_row_stride, int64_t q_out_head_stride,
+                               int64_t cache_head_stride, int64_t cache_slot_stride,
+                               msd_dtype dtype, RopeKvWrite* args) {
+    clear_error();
+    const void* pointers[] = {q, k, v, cos, sin, q_out, k_cache, v_cache};
+    const char* names[] = {"q", "k", "v", "cos", "sin", "q_out", "k_cache", "v_cache"};
+    for (int i = 0; i < 8; ++i) CHECK_ARG(check_pointer(pointers[i], names[i]));
+    CHECK_ARG(check_positive(num_tokens, "num_tokens"));
+    CHECK_ARG(check_positive(num_heads, "num_heads"));
+    CHECK_ARG(check_positive(num_kv_heads, "num_kv_heads"));
+    CHECK_ARG(check_positive(head_dim, "head_dim"));
+    if (head_dim % 2 != 0) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT, "head_dim must be even, got %lld",
+                         static_cast<long long>(head_dim));
+    }
+    CHECK_ARG(check_non_negative(start, "start"));
+    CHECK_ARG(check_positive(num_slots, "num_slots"));
+    if (start + num_tokens > num_slots) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT,
+                         "start (%lld) + num_tokens (%lld) exceeds num_slots (%lld)",
+                         static_cast<long long>(start), static_cast<long long>(num_tokens),
+                         static_cast<long long>(num_slots));
+    }
+    CHECK_ARG(check_stride(q_row_stride, head_dim, "q_row_stride"));
+    CHECK_ARG(check_stride(q_head_stride, head_dim, "q_head_stride"));
+    CHECK_ARG(check_stride(kv_row_stride, head_dim, "kv_row_stride"));
+    CHECK_ARG(check_stride(kv_head_stride, head_dim, "kv_head_stride"));
+    CHECK_ARG(check_stride(table_row_stride, head_dim, "table_row_stride"));
+    CHECK_ARG(check_stride(q_out_row_stride, head_dim, "q_out_row_stride"));
+    CHECK_ARG(check_stride(q_out_head_stride, head_dim, "q_out_head_stride"));
+    CHECK_ARG(check_stride(cache_head_stride, head_dim, "cache_head_stride"));
+    CHECK_ARG(check_stride(cache_slot_stride, head_dim, "cache_slot_stride"));
+    CHECK_ARG(check_out_rows(num_tokens, num_heads, head_dim, q_out_row_stride,
+                             q_out_head_stride, "q_out", "q_out_row_stride",
+                             "q_out_head_stride"));
+    CHECK_ARG(check_out_rows(num_slots, num_kv_heads, head_dim, cache_slot_stride,
+                             cache_head_stride, "k_cache / v_cache", "cache_slot_stride",
+                             "cache_head_stride"));
+    CHECK_ARG(check_dtype(dtype));
+    *args = RopeKvWrite{q, k, v, cos, sin, q_out, k_cache, v_cache, num_tokens, num_heads,
+                        num_kv_heads, head_dim, start, q_row_stride, q_head_stride,
+                        kv_row_stride, kv_head_stride, table_row_stride, q_out_row_stride,
+                        q_out_head_stride, cache_head_stride, cache_slot_stride, dtype};
+    return MSD_OK;
+}
+
+// A read-only [rows, length] input may also repeat one row for all (stride 0, torch's expand).
+msd_status check_input_stride(int64_t stride, int64_t row_length, const char* name) {
+    if (stride == 0 || stride >= row_length) return MSD_OK;
+    return set_error(MSD_ERR_INVALID_ARGUMENT,
+                     "%s (%lld) must be 0 (one row for all) or at least the row length (%lld)",
+                     name, static_cast<long long>(stride), static_cast<long long>(row_length));
+}
+
+// The pointers, sizes and strides of a msd_draft_inputs_* call; fills `args` when they pass.
+msd_status check_draft_inputs(const int64_t* token_ids, const uint8_t* is_image,
+                              const void* embed, const void* image_rows, const void* features,
+                              const void* fc_weight, const void* fc_bias, void* out,
+                              int64_t num_rows, int64_t hidden, int64_t vocab_size,
+                              int64_t embed_row_stride, int64_t image_rows_row_stride,
+                              int64_t features_row_stride, int64_t fc_weight_row_stride,
+                              int64_t out_row_stride, int bypass, msd_dtype dtype,
+                              DraftInputs* args) {
+    clear_error();
+    CHECK_ARG(check_pointer(token_ids, "token_ids"));
+    CHECK_ARG(check_pointer(embed, "embed"));
+    CHECK_ARG(check_pointer(features, "features"));
+    CHECK_ARG(check_pointer(fc_weight, "fc_weight"));
+    CHECK_ARG(check_pointer(out, "out"));  // is_image, image_rows and fc_bias may be NULL
+    if (image_rows != nullptr && is_image == nullptr) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT,
+                         "image_rows is given but is_image is NULL: which rows are images?");
+    }
+    CHECK_ARG(check_positive(num_rows, "num_rows"));
+    CHECK_ARG(check_positive(hidden, "hidden"));
+    CHECK_ARG(check_positive(vocab_size, "vocab_size"));
+    CHECK_ARG(check_stride(embed_row_stride, hidden, "embed_row_stride"));
+    if (image_rows != nullptr) {
+        CHECK_ARG(check_input_stride(image_rows_row_stride, hidden, "image_rows_row_stride"));
+    }
+    CHECK_ARG(check_input_stride(features_row_stride, hidden, "features_row_stride"));
+    CHECK_ARG(check_stride(fc_weight_row_stride, 2 * hidden, "fc_weight_row_stride"));
+    CHECK_ARG(check_stride(out_row_stride, hidden, "out_row_stride"));
+    CHECK_ARG(check_dtype(dtype));
+    *args = DraftInputs{token_ids, is_image, embed, image_rows, features, fc_weight, fc_bias, out,
+                        num_rows, hidden, vocab_size, embed_row_stride, image_rows_row_stride,
+                        features_row_stride, fc_weight_row_stride, out_row_stride,
+                        bypass != 0 && is_image != nullptr, dtype};
+    return MSD_OK;
+}
+
+// Host-side token ids of the CPU variant: in [0, vocab_size) wherever they are read.
+msd_status check_token_ids(const DraftInputs& args) {
+    for (int64_t t = 0; t < args.rows; ++t) {
+        if (args.is_image != nullptr && args.is_image[t] != 0) continue;  // never read
+        const int64_t token = args.token_ids[t];
+        if (token < 0 || token >= args.vocab_size) {
+            return set_error(MSD_ERR_INVALID_ARGUMENT,
+                             "token_ids[%lld] = %lld is outside [0, vocab_size = %lld)",
+                             static_cast<long long>(t), static_cast<long long>(token),
+                             static_cast<long long>(args.vocab_size));
         }
     }
     return MSD_OK;
@@ -354,6 +468,43 @@ msd_status msd_kv_compact_cpu(void* arena, int64_t num_kv, int64_t num_layers,
                                 start, nodes, num_nodes, dtype);
 }
 
+msd_status msd_draft_inputs_cpu(const int64_t* token_ids, const uint8_t* is_image,
+                                const void* embed, const void* image_rows, const void* features,
+                                const void* fc_weight, const void* fc_bias, void* out,
+                                int64_t num_rows, int64_t hidden, int64_t vocab_size,
+                                int64_t embed_row_stride, int64_t image_rows_row_stride,
+                                int64_t features_row_stride, int64_t fc_weight_row_stride,
+                                int64_t out_row_stride, int bypass, msd_dtype dtype,
+                                int num_threads) {
+    msd::DraftInputs args;
+    CHECK_ARG(msd::check_draft_inputs(token_ids, is_image, embed, image_rows, features, fc_weight,
+                                      fc_bias, out, num_rows, hidden, vocab_size,
+                                      embed_row_stride, image_rows_row_stride,
+                                      features_row_stride, fc_weight_row_stride, out_row_stride,
+                                      bypass, dtype, &args));
+    CHECK_ARG(msd::check_token_ids(args));
+    return msd::cpu::draft_inputs(args, num_threads);
+}
+
+msd_status msd_rope_kv_write_cpu(const void* q, const void* k, const void* v, const void* cos,
+                                 const void* sin, void* q_out, void* k_cache, void* v_cache,
+                                 int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
+                                 int64_t head_dim, int64_t start, int64_t num_slots,
+                                 int64_t q_row_stride, int64_t q_head_stride,
+                                 int64_t kv_row_stride, int64_t kv_head_stride,
+                                 int64_t table_row_stride, int64_t q_out_row_stride,
+                                 int64_t q_out_head_stride, int64_t cache_head_stride,
+                                 int64_t cache_slot_stride, msd_dtype dtype) {
+    msd::RopeKvWrite args;
+    CHECK_ARG(msd::check_rope_kv_write(q, k, v, cos, sin, q_out, k_cache, v_cache, num_tokens,
+                                       num_heads, num_kv_heads, head_dim, start, num_slots,
+                                       q_row_stride, q_head_stride, kv_row_stride,
+                                       kv_head_stride, table_row_stride, q_out_row_stride,
+                                       q_out_head_stride, cache_head_stride, cache_slot_stride,
+                                       dtype, &args));
+    return msd::cpu::rope_kv_write(args);
+}
+
 msd_status msd_set_cpu_spin_us(int microseconds) {
     msd::clear_error();
     if (microseconds < 0 || microseconds > 1000000) {
@@ -437,6 +588,43 @@ msd_status msd_kv_compact_cuda(void* arena, int64_t num_kv, int64_t num_layers,
                                  start, nodes, num_nodes, dtype, stream);
 }
 
+msd_status msd_draft_inputs_cuda(const int64_t* token_ids, const uint8_t* is_image,
+                                 const void* embed, const void* image_rows, const void* features,
+                                 const void* fc_weight, const void* fc_bias, void* out,
+                                 int64_t num_rows, int64_t hidden, int64_t vocab_size,
+                                 int64_t embed_row_stride, int64_t image_rows_row_stride,
+                                 int64_t features_row_stride, int64_t fc_weight_row_stride,
+                                 int64_t out_row_stride, int bypass, msd_dtype dtype,
+                                 void* stream) {
+    msd::DraftInputs args;
+    CHECK_ARG(msd::check_draft_inputs(token_ids, is_image, embed, image_rows, features, fc_weight,
+                                      fc_bias, out, num_rows, hidden, vocab_size,
+                                      embed_row_stride, image_rows_row_stride,
+                                      features_row_stride, fc_weight_row_stride, out_row_stride,
+                                      bypass, dtype, &args));
+    return msd::cuda::draft_inputs(args, stream);
+}
+
+msd_status msd_rope_kv_write_cuda(const void* q, const void* k, const void* v, const void* cos,
+                                  const void* sin, void* q_out, void* k_cache, void* v_cache,
+                                  int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
+                                  int64_t head_dim, int64_t start, int64_t num_slots,
+                                  int64_t q_row_stride, int64_t q_head_stride,
+                                  int64_t kv_row_stride, int64_t kv_head_stride,
+                                  int64_t table_row_stride, int64_t q_out_row_stride,
+                                  int64_t q_out_head_stride, int64_t cache_head_stride,
+                                  int64_t cache_slot_stride, msd_dtype dtype,
+                                  void* stream) {
+    msd::RopeKvWrite args;
+    CHECK_ARG(msd::check_rope_kv_write(q, k, v, cos, sin, q_out, k_cache, v_cache, num_tokens,
+                                       num_heads, num_kv_heads, head_dim, start, num_slots,
+                                       q_row_stride, q_head_stride, kv_row_stride,
+                                       kv_head_stride, table_row_stride, q_out_row_stride,
+                                       q_out_head_stride, cache_head_stride, cache_slot_stride,
+                                       dtype, &args));
+    return msd::cuda::rope_kv_write(args, stream);
+}
+
 #else  // !MSD_ENGINE_WITH_CUDA: the symbols exist so that callers link either way.
 
 msd_status msd_rms_norm_cuda(const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t,
@@ -464,6 +652,20 @@ msd_status msd_tree_attention_cuda(const void*, const void*, const void*, const 
 msd_status msd_kv_compact_cuda(void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                                const int64_t*, int64_t, msd_dtype, void*) {
     return msd::cuda_not_compiled("msd_kv_compact_cuda");
+}
+
+msd_status msd_draft_inputs_cuda(const int64_t*, const uint8_t*, const void*, const void*,
+                                 const void*, const void*, const void*, void*, int64_t, int64_t,
+                                 int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int,
+                                 msd_dtype, void*) {
+    return msd::cuda_not_compiled("msd_draft_inputs_cuda");
+}
+
+msd_status msd_rope_kv_write_cuda(const void*, const void*, const void*, const void*,
+                                  const void*, void*, void*, void*, int64_t, int64_t, int64_t,
+                                  int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                  int64_t, int64_t, int64_t, int64_t, int64_t, msd_dtype, void*) {
+    return msd::cuda_not_compiled("msd_rope_kv_write_cuda");
 }
 
 #endif

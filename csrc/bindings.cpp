@@ -55,6 +55,11 @@ struct PyArg<const int64_t*> {
     static const int64_t* from(uintptr_t p) { return reinterpret_cast<const int64_t*>(p); }
 };
 template <>
+struct PyArg<const uint8_t*> {
+    using type = uintptr_t;
+    static const uint8_t* from(uintptr_t p) { return reinterpret_cast<const uint8_t*>(p); }
+};
+template <>
 struct PyArg<msd_dtype> {
     using type = int;
     static msd_dtype from(int d) { return static_cast<msd_dtype>(d); }
@@ -101,6 +106,10 @@ PYBIND11_MODULE(_C, m) {
           });
     m.def("kv_compact_cpu", checked(&msd_kv_compact_cpu), nogil);
     m.def("kv_compact_cuda", checked(&msd_kv_compact_cuda), nogil);
+    m.def("draft_inputs_cpu", checked(&msd_draft_inputs_cpu), nogil);
+    m.def("draft_inputs_cuda", checked(&msd_draft_inputs_cuda), nogil);
+    m.def("rope_kv_write_cpu", checked(&msd_rope_kv_write_cpu), nogil);
+    m.def("rope_kv_write_cuda", checked(&msd_rope_kv_write_cuda), nogil);
     m.def("cpu_isa", [] { return static_cast<int>(msd_get_cpu_isa()); });
     m.def("set_cpu_isa", checked(&msd_set_cpu_isa));
     m.def("set_cpu_spin_us", checked(&msd_set_cpu_spin_us));

@@ -15,6 +15,56 @@ msd_status set_error(msd_status status, const char* format, ...)
     ;
 void clear_error();
 
+// One msd_draft_inputs_* call after api.cpp's checks (semantics in msd_engine.h). Strides are
+// in elements; `bypass` is false whenever is_image is null.
+struct DraftInputs {
+    const int64_t* token_ids;
+    const uint8_t* is_image;  // nullptr: no image row
+    const void* embed;
+    const void* image_rows;  // nullptr: image rows read embed[0]
+    const void* features;
+    const void* fc_weight;
+    const void* fc_bias;  // nullptr: no bias
+    void* out;
+    int64_t rows;
+    int64_t hidden;
+    int64_t vocab_size;
+    int64_t embed_row_stride;
+    int64_t image_rows_row_stride;
+    int64_t features_row_stride;
+    int64_t fc_weight_row_stride;
+    int64_t out_row_stride;
+    bool bypass;
+    msd_dtype dtype;
+};
+
+// One msd_rope_kv_write_* call after api.cpp's checks (semantics in msd_engine.h).
+struct RopeKvWrite {
+    const void* q;
+    const void* k;
+    const void* v;
+    const void* cos;
+    const void* sin;
+    void* q_out;
+    void* k_cache;
+    void* v_cache;
+    int64_t tokens;
+    int64_t heads;
+    int64_t kv_heads;
+    int64_t head_dim;
+    int64_t start;
+    int64_t q_row_stride;
+    int64_t q_head_stride;
+    int64_t kv_row_stride;
+    int64_t kv_head_stride;
+    int64_t table_row_stride;
+    int64_t q_out_row_stride;
+    int64_t q_out_head_stride;
+    int64_t cache_head_stride;
+    int64_t cache_slot_stride;
+    msd_dtype dtype;
+};
+
 namespace cpu {
 msd_status rms_norm(const void* x, const void* weight, void* out, int64_t rows, int64_t dim,
                     int64_t x_row_stride, int64_t out_row_stride, float eps, msd_dtype dtype);
@@ -36,6 +86,8 @@ msd_status tree_attention(const void* q, const void* k_cache, const void* v_cach
                           msd_dtype dtype);
 msd_status kv_compact(void* arena, int64_t planes, int64_t max_slots, int64_t head_dim,
                       int64_t start, const int64_t* nodes, int64_t num_nodes, msd_dtype dtype);
+msd_status draft_inputs(const DraftInputs& args, int num_threads);
+msd_status rope_kv_write(const RopeKvWrite& args);
 msd_cpu_isa get_isa();
 msd_status set_isa(int isa);
 void set_spin_microseconds(int microseconds);  // in thread_pool.cpp, checked by api.cpp
@@ -74,6 +126,8 @@ msd_status tree_attention(const void* q, const void* k_cache, const void* v_cach
 msd_status kv_compact(void* arena, int64_t planes, int64_t max_slots, int64_t head_dim,
                       int64_t start, const int64_t* nodes, int64_t num_nodes, msd_dtype dtype,
                       void* stream);
+msd_status draft_inputs(const DraftInputs& args, void* stream);
+msd_status rope_kv_write(const RopeKvWrite& args, void* stream);
 }  // namespace cuda
 #endif
 

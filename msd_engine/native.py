@@ -14,6 +14,9 @@ Semantics (the roundings match `msd_engine.ops.TorchOps`; see csrc/include/msd_e
   tree_attention: TorchOps.cached_attention with the mask bit-packed (`pack_mask`), float32
                 inside, rounded to dtype once; a query that sees no key gets zeros
   kv_compact:   TorchOps.kv_compact (slot start + nodes[j] -> start + j, all layers, K and V)
+  draft_inputs: TorchOps.draft_inputs (embedding gather, fc over [row, feature] + bias, MSD's
+                visual bypass) in one call, summed in float32, rounded once
+  rope_kv_write: TorchOps.rope_kv_write (rope of q and k, k and v into the cache), bit for bit
 
 `import msd_engine.native` works without the extension; calling a kernel then raises.
 """
@@ -448,3 +451,151 @@ def kv_compact(arena: torch.Tensor, start: int, nodes: torch.Tensor) -> None:
     nodes = nodes.contiguous()
     _kernel("kv_compact", arena.device)(arena.data_ptr(), *arena.shape, start, nodes.data_ptr(),
                                         num_nodes, code)
+
+
+def _check_heads(t, name: str, shape: tuple, q: torch.Tensor) -> None:
+    """`t` is a tensor of `shape` like q (device, dtype), contiguous in its last dim."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    _check_like(t, name, q, "q")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {list(shape)}")
+    if t.stride(-1) != 1 and shape[-1] > 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+
+
+def _cache_strides(cache: torch.Tensor) -> tuple[int, int]:
+    """(head, slot) strides of `cache [Hkv, S, D]`, size-1 dims given ones the kernels accept."""
+    heads, slots, head_dim = cache.shape
+    slot_stride = cache.stride(1) if slots > 1 else head_dim
+    return (cache.stride(0) if heads > 1 else slots * slot_stride), slot_stride
+
+
+def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`TorchOps.rope_kv_write`, bit for bit: rope(k) and v into slots start..start+T of
+    `k_cache` / `v_cache [Hkv, S, D]` (views with equal strides, e.g. per-layer slices of the
+    arena); returns rope(q) in `out` (new if None; may be q itself). q [T, Hq, D], k / v
+    [T, Hkv, D] (views of the fused qkv output are fine), cos / sin [T, D]; one dtype and
+    device, all contiguous in D."""
+    code = _dtype_code(q, "q")
+    if q.dim() != 3 or q.shape[2] % 2 or q.shape[2] == 0:
+        raise ValueError(f"q has shape {tuple(q.shape)}; expected [T, Hq, D] with D even")
+    t, num_heads, head_dim = q.shape
+    _check_heads(q, "q", (t, num_heads, head_dim), q)
+    for tensor, name, dims in ((k, "k", "[T, Hkv, D]"), (k_cache, "k_cache", "[Hkv, S, D]")):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
+            raise ValueError(f"{name} has shape {tuple(getattr(tensor, 'shape', ()))}; "
+                             f"expected {dims}")
+    kv_heads, slots = k.shape[1], k_cache.shape[1]
+    for tensor, name in ((k, "k"), (v, "v")):
+        _check_heads(tensor, name, (t, kv_heads, head_dim), q)
+    for tensor, name in ((cos, "cos"), (sin, "sin")):
+        _check_heads(tensor, name, (t, head_dim), q)
+    for tensor, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        _check_heads(tensor, name, (kv_heads, slots, head_dim), q)
+    if _cache_strides(k_cache) != _cache_strides(v_cache):
+        raise ValueError(f"v_cache has strides {v_cache.stride()} but k_cache has "
+                         f"{k_cache.stride()}; the kernel takes one set for both")
+    _check_index(start, "start", 0)
+    if start + t > slots:
+        raise ValueError(f"start {start} + T {t} exceeds the cache's {slots} slots")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _check_heads(out, "out", tuple(q.shape), q)
+    if t == 0 or num_heads == 0 or kv_heads == 0:
+        return out
+    if _head_strides(k) != _head_strides(v):  # one set of strides in the kernel: copies say so
+        k, v = k.contiguous(), v.contiguous()
+    table_stride = cos.stride(0) if t > 1 else head_dim
+    if t > 1 and sin.stride(0) != table_stride:
+        cos, sin = cos.contiguous(), sin.contiguous()
+        table_stride = head_dim
+    _kernel("rope_kv_write", q.device)(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), t, num_heads, kv_heads, head_dim, start, slots,
+        *_head_strides(q), *_head_strides(k), table_stride, *_head_strides(out),
+        *_cache_strides(k_cache), code)
+    return out
+
+
+# ---- draft head ----------------------------------------------------------------------------------
+def _check_draft_matrix(t: Optional[torch.Tensor], name: str, shape: tuple,
+                        embed: torch.Tensor) -> int:
+    """Row stride of `t` (`shape`, embed's device and dtype, contiguous last dim); 0 for None."""
+    if t is None:
+        return 0
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    _check_like(t, name, embed, "embed")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {list(shape)}")
+    if t.stride(-1) != 1 and shape[-1] > 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+    return t.stride(0) if len(shape) == 2 and shape[0] > 1 else shape[-1]
+
+
+def _check_draft_rows(token_ids, is_image, image_rows, embed: torch.Tensor) -> int:
+    """T, after checking token_ids (int64 [T]) and is_image (bool [T] or None)."""
+    if (not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1
+            or token_ids.dtype != torch.int64):
+        raise TypeError(f"token_ids must be a 1-D int64 tensor, got "
+                        f"{getattr(token_ids, 'dtype', type(token_ids).__name__)} "
+                        f"{tuple(getattr(token_ids, 'shape', ()))}")
+    if token_ids.device != embed.device:
+        raise ValueError(f"token_ids is on {token_ids.device} but embed is on {embed.device}")
+    t = token_ids.shape[0]
+    if is_image is not None:
+        if (not isinstance(is_image, torch.Tensor) or is_image.dtype != torch.bool
+                or tuple(is_image.shape) != (t,)):
+            raise TypeError(f"is_image must be a bool tensor of shape ({t},), got "
+                            f"{getattr(is_image, 'dtype', type(is_image).__name__)} "
+                            f"{tuple(getattr(is_image, 'shape', ()))}")
+        if is_image.device != embed.device:
+            raise ValueError(f"is_image is on {is_image.device} but embed is on {embed.device}")
+    elif image_rows is not None:
+        raise ValueError("image_rows is given but is_image is None: which rows are images?")
+    return t
+
+
+def draft_inputs(token_ids: torch.Tensor, embed: torch.Tensor, features: torch.Tensor,
+                 image_rows: Optional[torch.Tensor], is_image: Optional[torch.Tensor],
+                 fc_weight: torch.Tensor, fc_bias: Optional[torch.Tensor], bypass: bool,
+                 out: Optional[torch.Tensor] = None, num_threads: int = 0) -> torch.Tensor:
+    """The draft layer's inputs `[T, H]`, as `TorchOps.draft_inputs`: row t is fc_weight @
+    [x_t, features[t]] + fc_bias, x_t = image_rows[t] where is_image[t] (embed[0] if
+    image_rows is None), else embed[token_ids[t]]; with `bypass`, image rows are x_t itself.
+    token_ids int64 [T], embed [V, H], features / image_rows [T, H], is_image bool [T],
+    fc_weight [H, 2H], fc_bias [H] (or None): one dtype and device, rows contiguous (strided
+    rows are fine; features and image_rows may be one row expanded to T). `out` (new if None) must not overlap the inputs. Token ids are checked on
+    the CPU; on CUDA (a check would synchronise) a row with an out-of-range id comes out NaN.
+    `num_threads` is the CPU thread count as in `linear`."""
+    code = _dtype_code(embed, "embed")
+    if embed.dim() != 2 or embed.shape[0] == 0 or embed.shape[1] == 0:
+        raise ValueError(f"embed has shape {tuple(embed.shape)}; expected a non-empty [V, H]")
+    vocab, hidden = embed.shape
+    t = _check_draft_rows(token_ids, is_image, image_rows, embed)
+    embed_stride = _check_draft_matrix(embed, "embed", (vocab, hidden), embed)
+    features_stride = _check_draft_matrix(features, "features", (t, hidden), embed)
+    image_stride = _check_draft_matrix(image_rows, "image_rows", (t, hidden), embed)
+    weight_stride = _check_draft_matrix(fc_weight, "fc_weight", (hidden, 2 * hidden), embed)
+    if fc_bias is not None:
+        _check_draft_matrix(fc_bias, "fc_bias", (hidden,), embed)
+    if out is None:
+        out = torch.empty(t, hidden, dtype=embed.dtype, device=embed.device)
+    out_stride = _check_draft_matrix(out, "out", (t, hidden), embed)
+    if t == 0:
+        return out
+    token_ids = token_ids.contiguous()
+    flags = None if is_image is None else is_image.contiguous().view(torch.uint8)
+    args = (token_ids.data_ptr(), 0 if flags is None else flags.data_ptr(), embed.data_ptr(),
+            0 if image_rows is None else image_rows.data_ptr(), features.data_ptr(),
+            fc_weight.data_ptr(), 0 if fc_bias is None else fc_bias.data_ptr(), out.data_ptr(),
+            t, hidden, vocab, embed_stride, hidden if image_rows is None else image_stride,
+            features_stride, weight_stride, out_stride, int(bool(bypass)), code)
+    if embed.is_cpu:
+        _lib().draft_inputs_cpu(*args, int(num_threads))
+    else:
+        _kernel("draft_inputs", embed.device)(*args)
+    return out

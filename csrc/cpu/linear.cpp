@@ -123,10 +123,20 @@ msd_status set_isa(int isa) {
     return MSD_OK;
 }
 
+const LinearKernels& active_linear_kernels() { return kernels_for(get_isa()); }
+
+void run_linear(const LinearArgs& args, int64_t n, msd_dtype dtype, int num_threads) {
+    const int threads = thread_count(n, args.k, num_threads);
+    const int64_t row_bytes = args.k * (dtype == MSD_FLOAT32 ? 4 : 2);
+    Job job{args, active_linear_kernels().rows[dtype], n, chunk_columns(n, row_bytes, threads)};
+    run_chunks(threads, (n + job.chunk_columns - 1) / job.chunk_columns,
+               n * row_bytes >= kWakeMinBytes, run_chunk, &job);
+}
+
 msd_status linear(const void* x, const void* weight, const void* bias, void* out, int64_t m,
                   int64_t n, int64_t k, int64_t x_row_stride, int64_t weight_row_stride,
                   int64_t out_row_stride, msd_dtype dtype, int num_threads) {
-    const LinearKernels& kernels = kernels_for(get_isa());
+    const LinearKernels& kernels = active_linear_kernels();
     LinearArgs args{static_cast<const float*>(x), x_row_stride, weight, weight_row_stride,
                     bias, out, out_row_stride, m, k};
     if (dtype != MSD_FLOAT32) {
@@ -146,11 +156,7 @@ msd_status linear(const void* x, const void* weight, const void* bias, void* out
         args.x = widened.data();
         args.x_row_stride = k;
     }
-    const int threads = thread_count(n, k, num_threads);
-    const int64_t row_bytes = k * (dtype == MSD_FLOAT32 ? 4 : 2);
-    Job job{args, kernels.rows[dtype], n, chunk_columns(n, row_bytes, threads)};
-    run_chunks(threads, (n + job.chunk_columns - 1) / job.chunk_columns,
-               n * row_bytes >= kWakeMinBytes, run_chunk, &job);
+    run_linear(args, n, dtype, num_threads);
     return MSD_OK;
 }
 

@@ -41,6 +41,12 @@ const LinearKernels* linear_kernels_scalar();
 const LinearKernels* linear_kernels_avx2();
 const LinearKernels* linear_kernels_avx512();
 
+// The kernels of the SIMD path in use (msd_get_cpu_isa).
+const LinearKernels& active_linear_kernels();
+// msd_linear_cpu after its widening (args.x is float32): output columns [0, n) in chunks on the
+// calling thread and up to num_threads - 1 pool workers, as msd_linear_cpu documents.
+void run_linear(const LinearArgs& args, int64_t n, msd_dtype dtype, int num_threads);
+
 // Weight rows per register block: each block's rows are read from memory once and re-read
 // from L1 for every group of x rows.
 constexpr int kLinearBlockRows = 4;

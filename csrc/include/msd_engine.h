@@ -171,6 +171,93 @@ msd_status msd_kv_compact_cuda(void* arena, int64_t num_kv, int64_t num_layers,
                                int64_t start, const int64_t* nodes, int64_t num_nodes,
                                msd_dtype dtype, void* stream);
 
+/* The draft head's layer inputs, as msd_engine.ops.TorchOps.draft_inputs computes them: the
+ * embedding gather, fc over [embedding row, target feature] + bias, and MSD's visual bypass, in
+ * one call and without materialising the [T, 2H] concatenation. For t < num_rows (= T),
+ * H = hidden:
+ *     x_t    = image_rows[t]           if is_image[t] and image_rows != NULL,
+ *              embed[0]                if is_image[t] and image_rows == NULL,
+ *              embed[token_ids[t]]     otherwise (token_ids[t] in [0, vocab_size));
+ *     out[t] = round_dtype(sum_c float(fc_weight[j, c]) * float(x_t[c])
+ *                          + sum_c float(fc_weight[j, H + c]) * float(features[t][c])
+ *                          + float(fc_bias[j]))        for j < H, summed in float32;
+ *     with `bypass` != 0 (MSD mode), rows with is_image[t] are out[t] = x_t, copied exactly.
+ * embed [vocab_size, H], image_rows / features / out [T, H], fc_weight [H, 2H] (torch's Linear
+ * layout: embedding columns first, then the feature's), fc_bias [H] contiguous or NULL (no
+ * bias). image_rows and features may also repeat one row for every t (row stride 0, as torch's
+ * expand gives: a draft step's children share their parent's feature). token_ids (int64 [T]) and is_image (uint8 [T], nonzero = image; NULL = no image row)
+ * are host pointers for the CPU, device pointers for CUDA; token ids of image rows are never
+ * read. The CPU variant checks the token ids (MSD_ERR_INVALID_ARGUMENT naming the first bad
+ * one); the CUDA variant cannot without synchronising, and writes NaN across a row whose token
+ * id is out of range instead of reading out of bounds. `out` must not overlap any input.
+ * CPU: the fc rows (all but bypassed image rows) are gathered and widened once into a float32
+ * buffer and streamed through msd_linear_cpu's kernel and thread pool (`num_threads` as there),
+ * so each fc_weight row is read once for all of them; bypassed rows are copied. */
+msd_status msd_draft_inputs_cpu(const int64_t* token_ids, const uint8_t* is_image,
+                                const void* embed, const void* image_rows, const void* features,
+                                const void* fc_weight, const void* fc_bias, void* out,
+                                int64_t num_rows, int64_t hidden, int64_t vocab_size,
+                                int64_t embed_row_stride, int64_t image_rows_row_stride,
+                                int64_t features_row_stride, int64_t fc_weight_row_stride,
+                                int64_t out_row_stride, int bypass, msd_dtype dtype,
+                                int num_threads);
+/* CUDA: a skinny GEMM bound by reading fc_weight once. Each block owns a slice of output columns
+ * (= fc_weight rows) and a block of rows; it gathers its rows' inputs (embedding or image row,
+ * then feature) tile by tile into shared memory and streams its weight rows past them, so each
+ * weight element is read once per row block (up to 64 rows with tensor cores, 16 without).
+ * float16 / bfloat16 with every row 16-byte aligned (pointers and row strides, hidden % 8 == 0)
+ * run on tensor cores (sm_80+, float32 accumulators); everything else on a CUDA-core kernel.
+ * A row block whose rows are all bypassed skips the GEMM. No allocation, no synchronisation:
+ * the call can be captured in a CUDA graph. */
+msd_status msd_draft_inputs_cuda(const int64_t* token_ids, const uint8_t* is_image,
+                                 const void* embed, const void* image_rows, const void* features,
+                                 const void* fc_weight, const void* fc_bias, void* out,
+                                 int64_t num_rows, int64_t hidden, int64_t vocab_size,
+                                 int64_t embed_row_stride, int64_t image_rows_row_stride,
+                                 int64_t features_row_stride, int64_t fc_weight_row_stride,
+                                 int64_t out_row_stride, int bypass, msd_dtype dtype,
+                                 void* stream);
+
+/* Rotary embedding of q and k fused with the KV-cache write, one call per attention layer, as
+ * msd_engine.ops.TorchOps.rope_kv_write computes it. For t < T = num_tokens, with a head row
+ * x = (x1 | x2) of q or k (halves of h = head_dim / 2 elements) and c = cos[t], s = sin[t]
+ * (transformers' tables: [T, head_dim], halves duplicated), rope(x) = (y1 | y2) with
+ *     y1 = round_dtype(round_dtype(x1 * c[:h]) - round_dtype(x2 * s[:h])),
+ *     y2 = round_dtype(round_dtype(x2 * c[h:]) + round_dtype(x1 * s[h:])),
+ * products and sums in float32, each rounded to dtype as `x * cos + rotate_half(x) * sin` does
+ * in dtype (float32: separate multiplies and adds, no FMA), so the results are torch's bit for
+ * bit. Then
+ *     q_out[t, i]           = rope(q[t, i])     i < num_heads
+ *     k_cache[g, start + t] = rope(k[t, g])     g < num_kv_heads
+ *     v_cache[g, start + t] = v[t, g]
+ * Element (t, i, d) of q [T, num_heads, D] is q[t * q_row_stride + i * q_head_stride + d]; k and
+ * v [T, num_kv_heads, D] share kv_row_stride / kv_head_stride (views of one fused qkv output),
+ * q_out [T, num_heads, D] has its own; cos and sin share table_row_stride; slot s of kv head g
+ * of k_cache / v_cache [num_kv_heads, num_slots, D] is cache[g * cache_head_stride +
+ * s * cache_slot_stride + d] (both caches). head_dim is even; start + T <= num_slots. q_out may
+ * be q itself (in place); otherwise no output may overlap an input or another output. */
+msd_status msd_rope_kv_write_cpu(const void* q, const void* k, const void* v, const void* cos,
+                                 const void* sin, void* q_out, void* k_cache, void* v_cache,
+                                 int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
+                                 int64_t head_dim, int64_t start, int64_t num_slots,
+                                 int64_t q_row_stride, int64_t q_head_stride,
+                                 int64_t kv_row_stride, int64_t kv_head_stride,
+                                 int64_t table_row_stride, int64_t q_out_row_stride,
+                                 int64_t q_out_head_stride, int64_t cache_head_stride,
+                                 int64_t cache_slot_stride, msd_dtype dtype);
+/* CUDA: one thread per (token, head, pair (d, d + h)) of q, k and v alike, so a decode step
+ * (T = 1) still spreads over (num_heads + 2 num_kv_heads) * h threads; nothing is read twice.
+ * No allocation, no synchronisation (capturable in a CUDA graph). */
+msd_status msd_rope_kv_write_cuda(const void* q, const void* k, const void* v, const void* cos,
+                                  const void* sin, void* q_out, void* k_cache, void* v_cache,
+                                  int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
+                                  int64_t head_dim, int64_t start, int64_t num_slots,
+                                  int64_t q_row_stride, int64_t q_head_stride,
+                                  int64_t kv_row_stride, int64_t kv_head_stride,
+                                  int64_t table_row_stride, int64_t q_out_row_stride,
+                                  int64_t q_out_head_stride, int64_t cache_head_stride,
+                                  int64_t cache_slot_stride, msd_dtype dtype, void* stream);
+
 /* How long the CPU thread pool's idle workers poll for work before they sleep, in [0, 10^6]
  * microseconds (default 100: covers the gaps between the linear calls of one decode step, so
  * workers stay awake through a step and sleep between steps). Lower it when other threads

@@ -10,7 +10,8 @@ expansion, GQA reshapes, SDPA dispatch) costs several times its few microseconds
 the kernel reads the packed mask and each K/V block once per kv head. Measured on SmolLM2 shapes
 (2-core host) 26 -> 10 us per layer at T = 1, P = 200, 81 -> 27 us at T = 8, and still ahead in
 prefill (11 -> 4 ms at T = 600). Acceptance compacts the cache with `native.kv_compact`, one
-call for all layers.
+call for all layers. The draft head's input (gather + fc + bias + visual bypass) is one
+`native.draft_inputs` call while its fc rows are skinny.
 """
 from __future__ import annotations
 
@@ -63,6 +64,16 @@ class CpuOps(TorchOps):
 
     def kv_compact(self, arena, start, nodes):
         native.kv_compact(arena, start, nodes)
+
+    def draft_inputs(self, token_ids, embed, features, image_rows, is_image, fc_weight, fc_bias, bypass):
+        # As in linear: up to SKINNY_ROWS fc rows the native kernel reads fc_weight once for all of
+        # them (and skips bypassed image rows); more rows are a compute-bound GEMM, torch's.
+        fc_rows = token_ids.shape[0]
+        if bypass and is_image is not None:
+            fc_rows -= int(is_image.sum())
+        if fc_rows > SKINNY_ROWS:
+            return super().draft_inputs(token_ids, embed, features, image_rows, is_image, fc_weight, fc_bias, bypass)
+        return native.draft_inputs(token_ids, embed, features, image_rows, is_image, fc_weight, fc_bias, bypass)
 
     def linear(self, x, weight, bias=None):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0

@@ -4,6 +4,10 @@ Tree attention (flash-decoding split-KV) is compiled for the head dims in
 `native.CUDA_ATTENTION_HEAD_DIMS` (LLaVA's 128, 64); a model with another head dim (the tiny test
 models) runs the torch reference attention instead: a property of the model, so one model
 runs one or the other throughout.
+
+RoPE of q and k fused with the KV-cache write is one `native.rope_kv_write` launch per layer. The
+draft head's input (embedding gather, fc over [row, feature] + bias, MSD's visual bypass) is
+one `native.draft_inputs` launch that reads fc_weight once per block of rows.
 """
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ class CudaOps(TorchOps):
         if not native.cuda_compiled():
             raise RuntimeError("backend 'cuda': msd_engine._C was built without CUDA (no nvcc at build time); "
                                "reinstall with MSD_ENGINE_CUDA=1 pip install -e .")
+
+    def rope_kv_write(self, q, k, v, cos, sin, k_cache, v_cache, start):
+        # One launch for rope(q), rope(k) into the cache and v into the cache (bit-identical to torch).
+        return native.rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, start)
 
     def rms_norm(self, x, weight, eps):
         return native.rms_norm(x, weight, eps)
@@ -50,3 +58,6 @@ class CudaOps(TorchOps):
 
     def kv_compact(self, arena, start, nodes):
         native.kv_compact(arena, start, nodes)
+
+    def draft_inputs(self, token_ids, embed, features, image_rows, is_image, fc_weight, fc_bias, bypass):
+        return native.draft_inputs(token_ids, embed, features, image_rows, is_image, fc_weight, fc_bias, bypass)
