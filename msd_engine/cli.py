@@ -62,12 +62,19 @@ def _add_tune_parser(sub) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda", "cpu"])
+    p.add_argument("--draft", default=None, help="measure whole tree shapes with this draft (needs --prompts)")
+    p.add_argument("--prompts", default=None, help='JSON list of {"prompt": ..., "image": optional path}')
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt when measuring")
 
 
 def run_tune(args: argparse.Namespace) -> int:
     from msd_engine.engine import Engine
     from msd_engine.spec.tune import candidates_for, save_tuned, tune_total_tokens
 
+    if (args.draft is None) != (args.prompts is None):
+        raise ValueError("--draft and --prompts go together (measured tuning of the whole tree)")
+    if args.draft is not None:
+        return _run_measured_tune(args)
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     best, timings = tune_total_tokens(engine.model, engine.cache, engine.device)
     gains = candidates_for(engine.device)
@@ -76,6 +83,30 @@ def run_tune(args: argparse.Namespace) -> int:
     dtype = engine.model.text.embed_tokens.dtype
     path = save_tuned(engine.device, engine.config, dtype, best, timings)
     print(f"total_tokens = {best} for this device and model (cached in {path})")
+    return 0
+
+
+def _run_measured_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from msd_engine.engine import Engine
+    from msd_engine.spec.tune import draft_key, save_tuned, scratch_tree, trees_for, tune_tree
+    from msd_engine.train.cli import read_prompts
+
+    prompts = read_prompts(Path(args.prompts), None)
+    trees = trees_for(torch.device(args.device))
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, draft=args.draft,
+                         tree=scratch_tree(trees))
+    best, rates = tune_tree(engine, prompts, trees, args.max_new_tokens)
+    for tree, rate in rates.items():
+        print(f"top_k {tree.top_k:2d} depth {tree.depth} total {tree.total_tokens:3d}: {rate:7.1f} tok/s"
+              f"{'  <- best' if tree == best else ''}")
+    dtype = engine.model.text.embed_tokens.dtype
+    path = save_tuned(engine.device, engine.config, dtype, best, rates, draft=draft_key(Path(args.draft)))
+    print(f"tree top_k={best.top_k} depth={best.depth} total_tokens={best.total_tokens} for this device, model and "
+          f"draft (cached in {path})")
     return 0
 
 

@@ -19,7 +19,7 @@ from msd_engine.spec.drafter import Drafter
 from msd_engine.spec.loader import load_drafter
 from msd_engine.spec.speculative import SpecStats, speculative_decode
 from msd_engine.spec.tree import TreeParams
-from msd_engine.spec.tune import load_tuned
+from msd_engine.spec.tune import draft_key, load_tuned
 from msd_engine.tokenizer import StreamDecoder, Tokenizer
 from msd_engine.weights import CONFIG_FILE, TOKENIZER_FILE, load_weights
 
@@ -117,8 +117,8 @@ class Engine:
         tokenizer = Tokenizer.from_file(path / TOKENIZER_FILE)
         if tree is None:
             # A tree size tuned for this device and model (`msd-engine tune`) beats the GPU default.
-            tuned = load_tuned(dev, config, torch_dtype)
-            tree = TreeParams(total_tokens=tuned) if tuned else TreeParams()
+            tuned = load_tuned(dev, config, torch_dtype, None if draft is None else draft_key(Path(draft)))
+            tree = tuned or TreeParams()
         drafter = None
         if draft is not None:
             drafter = load_drafter(Path(draft), model, ops, seq_len, tree, torch_dtype, dev)

@@ -26,7 +26,7 @@ def test_tuned_size_is_cached_per_device_and_model_and_used_by_load(tiny_llava_d
     assert engine.tree == TreeParams()  # nothing tuned yet
     dtype = engine.model.text.embed_tokens.dtype
     tune.save_tuned(engine.device, engine.config, dtype, 12, {12: 1.0})
-    assert tune.load_tuned(engine.device, engine.config, dtype) == 12
+    assert tune.load_tuned(engine.device, engine.config, dtype) == TreeParams(total_tokens=12)
     assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128).tree.total_tokens == 12
     # Another model, or another dtype, is not affected.
     other = Engine.load(smollm2_float32, dtype="float32", max_seq_len=64)
@@ -69,3 +69,38 @@ def test_cli_generate_with_draft_and_tree_flags(tiny_llava_dir, tmp_path, capsys
     assert main(base + flags + ["--no-spec"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert "tau" not in plain["stats"] and plain["token_ids"] == spec["token_ids"]
+
+
+def test_measured_tree_tuning_is_cached_per_draft_and_used_by_load(tiny_llava_dir, monkeypatch, tmp_path):
+    from tests.spec_doubles import write_random_draft
+
+    monkeypatch.setenv("MSD_ENGINE_CACHE", str(tmp_path))
+    draft = write_random_draft(Engine.load(tiny_llava_dir, dtype="float32"), tmp_path / "draft")
+    trees = (TreeParams(2, 2, 4), TreeParams(3, 3, 8))
+    engine = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft, tree=tune.scratch_tree(trees))
+    best, rates = tune.tune_tree(engine, [("hello there", None)], trees, max_new_tokens=6)
+    assert set(rates) == set(trees) and best == max(rates, key=rates.get) and all(r > 0 for r in rates.values())
+    assert engine.tree == tune.scratch_tree(trees)  # tuning leaves the engine's own tree alone
+    dtype = engine.model.text.embed_tokens.dtype
+    key = tune.draft_key(draft)
+    tune.save_tuned(engine.device, engine.config, dtype, TreeParams(3, 3, 8), rates, draft=key)
+    assert tune.load_tuned(engine.device, engine.config, dtype, key) == TreeParams(3, 3, 8)
+    assert tune.load_tuned(engine.device, engine.config, dtype) is None  # only for that draft
+    assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft).tree == TreeParams(3, 3, 8)
+    assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128).tree == TreeParams()
+
+
+def test_cli_measured_tune(tiny_llava_dir, monkeypatch, tmp_path, capsys):
+    import json
+
+    from tests.spec_doubles import write_random_draft
+
+    monkeypatch.setenv("MSD_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(tune, "CPU_TREES", (TreeParams(2, 2, 4), TreeParams(3, 2, 6)))
+    draft = write_random_draft(Engine.load(tiny_llava_dir, dtype="float32"), tmp_path / "draft")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "hi"}]))
+    assert main(["tune", "--model", str(tiny_llava_dir), "--dtype", "float32", "--draft", str(draft),
+                 "--prompts", str(prompts), "--max-new-tokens", "4"]) == 0
+    assert "<- best" in capsys.readouterr().out
+    assert main(["tune", "--model", str(tiny_llava_dir), "--draft", str(draft)]) == 2  # --prompts missing

@@ -1,8 +1,11 @@
-"""Per-device tuning of the tree size `total_tokens` (EAGLE-2's rule), cached per device and model.
+"""Per-device tuning of the draft tree, cached per device and model (and draft).
 
-Time the target's verify forward over T tree tokens for each candidate T, divide by the expected
-acceptance gain of a tree that size, take the argmin. GPUs verify 60 tokens for about the price of
-one; a CPU pays for every token, so its candidates are far smaller trees.
+Without a draft (EAGLE-2's rule): time the target's verify forward over T tree tokens for each
+candidate T, divide by an assumed acceptance gain of a tree that size, take the argmin of
+`total_tokens`. With a draft and prompts (`tune_tree`): run speculative decoding for each candidate
+tree shape (top_k, depth, total_tokens) and keep the fastest measured one: the draft's real
+acceptance and the device's real draft and verify costs decide. GPUs verify 60 tokens for about the
+price of one; a CPU pays for every token, so its candidates are far smaller trees.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 from msd_engine.config import ModelConfig
 from msd_engine.model.llava import LlavaModel
 from msd_engine.kv_cache import KVCache
+from msd_engine.spec.tree import TreeParams
 
 # EAGLE-2's GPU candidates and gains.
 GPU_CANDIDATES = {40: 1.0, 48: 1.05, 50: 1.07, 56: 1.1, 60: 1.13}
@@ -42,6 +46,61 @@ def device_key(device: torch.device) -> str:
 def model_key(config: ModelConfig, dtype: torch.dtype) -> str:
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     return f"{config.name or 'model'}:{digest}:{str(dtype).replace('torch.', '')}"
+
+
+# Tree shapes `tune_tree` measures: (top_k, depth, total_tokens).
+CPU_TREES = (TreeParams(4, 4, 8), TreeParams(4, 5, 12), TreeParams(6, 5, 12), TreeParams(6, 6, 16),
+             TreeParams(8, 6, 16), TreeParams(8, 6, 24), TreeParams(10, 5, 24), TreeParams(10, 6, 32))
+GPU_TREES = (TreeParams(10, 5, 40), TreeParams(10, 5, 50), TreeParams(10, 6, 60), TreeParams(12, 6, 64))
+
+
+def trees_for(device: torch.device) -> tuple[TreeParams, ...]:
+    return GPU_TREES if device.type == "cuda" else CPU_TREES
+
+
+def scratch_tree(trees) -> TreeParams:
+    """A tree whose drafter scratch and depth fit every one of `trees` (what to load the engine with)."""
+    k, d = max(t.top_k for t in trees), max(t.depth for t in trees)
+    return TreeParams(k, d, min(max(t.total_tokens for t in trees), TreeParams(k, d, 1).max_nodes))
+
+
+def tune_tree(engine, prompts, trees, max_new_tokens: int = 64) -> tuple[TreeParams, dict[TreeParams, float]]:
+    """(fastest tree, {tree: decode tokens/s}) measured with speculative greedy decoding over
+    `prompts` [(text, image or None)] on `engine` (loaded with a draft and a tree from `scratch_tree`)."""
+    if engine.drafter is None:
+        raise ValueError("tune_tree needs an engine loaded with a draft")
+    if not prompts:
+        raise ValueError("tune_tree needs at least one prompt")
+    loaded = engine.tree
+    rates = {}
+    try:
+        engine.generate(prompts[0][0], image=prompts[0][1], max_new_tokens=8, speculative=True)  # warm-up
+        for tree in trees:
+            engine.tree = tree
+            steps, seconds = 0, 0.0
+            for text, image in prompts:
+                s = engine.generate(text, image=image, max_new_tokens=max_new_tokens, speculative=True).stats
+                n = max(s["new_tokens"] - 1, 0)
+                if n and s["decode_tokens_per_s"] > 0:
+                    steps, seconds = steps + n, seconds + n / s["decode_tokens_per_s"]
+            rates[tree] = steps / seconds if seconds else 0.0
+    finally:
+        engine.tree = loaded
+    return max(rates, key=lambda t: rates[t]), rates
+
+
+def draft_key(draft_dir: Path) -> Optional[str]:
+    """Identifies a converted draft: its config and the head of its weights file (None when the
+    directory is not a draft; loading it then says why)."""
+    draft_dir = Path(draft_dir)
+    weights = draft_dir / "model.safetensors"
+    if not (draft_dir / "config.json").is_file() or not weights.is_file():
+        return None
+    digest = hashlib.sha256((draft_dir / "config.json").read_bytes())
+    with open(weights, "rb") as f:
+        digest.update(f.read(1 << 20))
+    digest.update(str(weights.stat().st_size).encode())
+    return digest.hexdigest()[:16]
 
 
 def candidates_for(device: torch.device) -> dict[int, float]:
@@ -80,30 +139,49 @@ def tune_total_tokens(model: LlavaModel, cache: KVCache, device: torch.device, p
     return best, timings
 
 
-def load_tuned(device: torch.device, config: ModelConfig, dtype: torch.dtype) -> Optional[int]:
+def _entry_key(config: ModelConfig, dtype: torch.dtype, draft: Optional[str]) -> str:
+    return model_key(config, dtype) + (f"|draft:{draft}" if draft else "")
+
+
+def _read_table() -> dict:
     path = cache_file()
     if not path.is_file():
-        return None
+        return {}
     try:
         table = json.loads(path.read_text())
     except json.JSONDecodeError:
-        return None  # a damaged cache is only a missed optimisation; `tune` rewrites it
-    entry = table.get(device_key(device), {}).get(model_key(config, dtype))
-    return int(entry["total_tokens"]) if entry else None
+        return {}  # a damaged cache is only a missed optimisation; `tune` rewrites it
+    return table if isinstance(table, dict) else {}
 
 
-def save_tuned(device: torch.device, config: ModelConfig, dtype: torch.dtype, best: int,
-               timings: dict[int, float]) -> Path:
+def load_tuned(device: torch.device, config: ModelConfig, dtype: torch.dtype,
+               draft: Optional[str] = None) -> Optional[TreeParams]:
+    """The tuned tree for this device and model: the one measured with `draft` (a `draft_key`) if
+    there is one, else the verify-timed size; None when nothing was tuned."""
+    entries = _read_table().get(device_key(device), {})
+    for key in ([_entry_key(config, dtype, draft)] if draft else []) + [_entry_key(config, dtype, None)]:
+        entry = entries.get(key)
+        if entry:
+            try:
+                tree = entry.get("tree") or {"total_tokens": entry["total_tokens"]}
+                return TreeParams(**{k: int(v) for k, v in tree.items()})
+            except (KeyError, TypeError, ValueError):
+                return None
+    return None
+
+
+def save_tuned(device: torch.device, config: ModelConfig, dtype: torch.dtype, best,
+               timings: dict, draft: Optional[str] = None) -> Path:
+    """Cache `best` (a total_tokens int from the verify timing, or a measured TreeParams)."""
     path = cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = {}
-    if path.is_file():
-        try:
-            table = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            table = {}
-    table.setdefault(device_key(device), {})[model_key(config, dtype)] = {
-        "total_tokens": best, "verify_ms": {str(k): v for k, v in timings.items()}}
+    table = _read_table()
+    if isinstance(best, TreeParams):
+        entry = {"tree": {"top_k": best.top_k, "depth": best.depth, "total_tokens": best.total_tokens},
+                 "tokens_per_s": {f"{t.top_k},{t.depth},{t.total_tokens}": v for t, v in timings.items()}}
+    else:
+        entry = {"total_tokens": int(best), "verify_ms": {str(k): v for k, v in timings.items()}}
+    table.setdefault(device_key(device), {})[_entry_key(config, dtype, draft)] = entry
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=2) + "\n")
     tmp.replace(path)

@@ -177,7 +177,7 @@ def _training_source(args: argparse.Namespace, env):
     return engine, source, what
 
 
-def _read_prompts(path: Path, image_dir) -> list[tuple[str, Path | None]]:
+def read_prompts(path: Path, image_dir) -> list[tuple[str, Path | None]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prompts file not found")
     try:
@@ -214,7 +214,7 @@ def run_eval_draft(args: argparse.Namespace) -> int:
     from msd_engine.engine import Engine
 
     _positive(max_new_tokens=args.max_new_tokens)
-    prompts = _read_prompts(args.prompts, args.image_dir)
+    prompts = read_prompts(args.prompts, args.image_dir)
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, draft=args.draft)
     groups: dict[str, list[dict]] = {"with_image": [], "text_only": []}
     for prompt, image in prompts:
