@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
@@ -63,7 +64,9 @@ def export_photo(name: str, folder: Path) -> Path:
     pixels = getattr(skimage.data, name)()
     image = Image.fromarray(pixels).convert("RGB")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
+    # a unique temporary name: two processes may export the same photo at once
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}-", suffix=".png")
+    os.close(fd)
     image.save(tmp)
     os.replace(tmp, path)
     return path

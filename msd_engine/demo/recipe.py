@@ -28,7 +28,7 @@ from msd_engine.demo.target import ensure_target
 class Recipe:
     max_new_tokens: int = 128   # answer length the target writes for each instruction
     max_len: int = 1024         # tokens per conversation (prompt + image + answer)
-    draft_vocab: int = 4096     # reduced draft vocabulary (0: the whole 49k)
+    draft_vocab: int = 8192     # reduced draft vocabulary (0: the whole 49k)
     epochs: int = 16
     text_epochs: int = 6        # curriculum stage 1 (text only)
     ramp_epochs: int = 8        # stage 2: visual share rising linearly to 1
