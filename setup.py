@@ -106,6 +106,8 @@ setup(
     packages=find_packages(include=["msd_engine", "msd_engine.*"]) + ["msd_engine.triton_kernels"],
     # Installed under msd_engine so it cannot clash with other packages named triton_kernels.
     package_dir={"msd_engine.triton_kernels": "triton_kernels"},
+    # the demo's prompt sets and its two trained draft heads ship inside the package
+    package_data={"msd_engine.demo": ["data/*.json", "data/*.md", "drafts/*/config.json", "drafts/*/head.safetensors"]},
     ext_modules=[CMakeExtension("msd_engine._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

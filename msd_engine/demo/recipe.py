@@ -29,9 +29,9 @@ class Recipe:
     max_new_tokens: int = 128   # answer length the target writes for each instruction
     max_len: int = 1024         # tokens per conversation (prompt + image + answer)
     draft_vocab: int = 8192     # reduced draft vocabulary (0: the whole 49k)
-    epochs: int = 16
-    text_epochs: int = 6        # curriculum stage 1 (text only)
-    ramp_epochs: int = 8        # stage 2: visual share rising linearly to 1
+    epochs: int = 14
+    text_epochs: int = 5        # curriculum stage 1 (text only)
+    ramp_epochs: int = 7        # stage 2: visual share rising linearly to 1, then 2 epochs of everything
     lr: float = 3e-4
     warmup: int = 60
     batch_size: int = 8

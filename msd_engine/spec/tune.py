@@ -49,8 +49,9 @@ def model_key(config: ModelConfig, dtype: torch.dtype) -> str:
 
 
 # Tree shapes `tune_tree` measures: (top_k, depth, total_tokens).
-CPU_TREES = (TreeParams(4, 4, 8), TreeParams(4, 5, 12), TreeParams(6, 5, 12), TreeParams(6, 6, 16),
-             TreeParams(8, 6, 16), TreeParams(8, 6, 24), TreeParams(10, 5, 24), TreeParams(10, 6, 32))
+# A CPU pays for every drafted row and every verified token, so its trees are small and narrow.
+CPU_TREES = (TreeParams(2, 3, 5), TreeParams(3, 3, 6), TreeParams(4, 3, 6), TreeParams(4, 4, 8),
+             TreeParams(4, 5, 10), TreeParams(6, 5, 12), TreeParams(6, 6, 16), TreeParams(8, 6, 24))
 GPU_TREES = (TreeParams(10, 5, 40), TreeParams(10, 5, 50), TreeParams(10, 6, 60), TreeParams(12, 6, 64))
 
 
