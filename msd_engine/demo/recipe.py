@@ -111,19 +111,15 @@ def train_drafts(target_dir: Path, shards: Path, work: Path, recipe: Recipe, mod
 
 
 def heldout_tau(target_dir: Path, draft_dir: Path, images: Path, max_new_tokens: int) -> dict[str, float]:
-    """tau of a draft over the held-out prompts, split by prompts with and without an image."""
+    """tau of a draft at the default tree over the held-out prompts, with and without an image."""
     from msd_engine.engine import Engine
     from msd_engine.spec.tree import TreeParams
+    from msd_engine.train.cli import tau_report
 
     engine = Engine.load(target_dir, dtype="float32", max_seq_len=1024, draft=draft_dir, tree=TreeParams())
-    sums = {"with_image": [0, 0], "text_only": [0, 0]}
-    for p in load_prompts(HELDOUT_PROMPTS):
-        image = export_photo(p["image"], images) if p.get("image") else None
-        stats = engine.generate(p["prompt"], image=image, max_new_tokens=max_new_tokens, speculative=True).stats
-        group = sums["with_image" if image else "text_only"]
-        group[0] += sum(int(n) * c for n, c in stats["accepted_histogram"].items())  # tokens from verify forwards
-        group[1] += stats["verify_forwards"]
-    return {k: v[0] / max(v[1], 1) for k, v in sums.items()}
+    prompts = [(p["prompt"], export_photo(p["image"], images) if p.get("image") else None)
+               for p in load_prompts(HELDOUT_PROMPTS)]
+    return {group: r["tau"] for group, r in tau_report(engine, prompts, max_new_tokens).items()}
 
 
 def run_recipe(work: Optional[Path] = None, recipe: Recipe = Recipe(), modes: Sequence[str] = ("msd", "eagle"),

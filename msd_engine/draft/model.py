@@ -66,12 +66,6 @@ class DraftModel:
         mlp_in = ops.rms_norm(h, layer.post_attention_norm, cfg.rms_norm_eps)
         return h + ops.linear(ops.silu_mul(ops.linear(mlp_in, layer.gate_up_proj)), layer.down_proj)
 
-    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, H] -> [T, Vd] float32 log-probabilities over the draft's vocabulary (column j is
-        target token `vocab_ids[j]`, or j itself without a reduced vocabulary)."""
-        with self.ops.step_scope(hidden.shape[0]):
-            return torch.log_softmax(self.ops.linear(hidden, self.lm_head).float(), dim=-1)
-
     def top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, H] -> the k most likely next tokens per row: (log-probs [T, k] float32, best first;
         target token ids [T, k]). One fused lm_head + log-softmax + top-k where the backend has it."""

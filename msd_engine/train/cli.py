@@ -210,17 +210,23 @@ def _summary(stats: list[dict]) -> dict:
             "accepted_histogram": {str(k): hist[k] for k in sorted(hist)}}
 
 
+def tau_report(engine, prompts, max_new_tokens: int) -> dict[str, dict]:
+    """Greedy speculative decoding over [(prompt, image or None)] on an engine with a draft ->
+    {"with_image": summary, "text_only": summary} (tau over all verify forwards of the group)."""
+    groups: dict[str, list[dict]] = {"with_image": [], "text_only": []}
+    for prompt, image in prompts:
+        result = engine.generate(prompt, image=image, max_new_tokens=max_new_tokens, speculative=True)
+        groups["with_image" if image is not None else "text_only"].append(result.stats)
+    return {name: _summary(stats) for name, stats in groups.items()}
+
+
 def run_eval_draft(args: argparse.Namespace) -> int:
     from msd_engine.engine import Engine
 
     _positive(max_new_tokens=args.max_new_tokens)
     prompts = read_prompts(args.prompts, args.image_dir)
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, draft=args.draft)
-    groups: dict[str, list[dict]] = {"with_image": [], "text_only": []}
-    for prompt, image in prompts:
-        result = engine.generate(prompt, image=image, max_new_tokens=args.max_new_tokens, speculative=True)
-        groups["with_image" if image is not None else "text_only"].append(result.stats)
-    report = {name: _summary(stats) for name, stats in groups.items()}
+    report = tau_report(engine, prompts, args.max_new_tokens)
     if args.json:
         print(json.dumps(report))
         return 0
