@@ -1,5 +1,6 @@
-"""`train-data --regenerate`: every recorded answer is exactly the target's own greedy generation for the
-recorded prefix before it (in token space: no decode / re-encode round trip)."""
+"""`train-data --regenerate`: every recorded answer is exactly the target's own generation (greedy, or
+sampled with the answer's seed) for the recorded prefix before it (in token space: no decode / re-encode
+round trip); with --draft, speculative decoding writes the same answers."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ from msd_engine import Engine
 from msd_engine.cli import main
 from msd_engine.request import pixel_values_for
 from msd_engine.train.data import build_record, read_conversations, read_shards, template_ids
+from msd_engine.train.regenerate import answer_seed
 from tests.test_train_data import make_dataset
 
 MAX_NEW = 8
@@ -32,14 +34,17 @@ def _answer_spans(mask: list[float]) -> list[tuple[int, int]]:
     return spans
 
 
-def _check_answers_are_greedy(engine, record, pixels, last_closed: bool) -> list[list[int]]:
-    """Each answer span equals engine.generate on the ids before it (a cut answer that another turn
-    follows is closed by the template's </s>); returns the generations."""
+def _check_answers_are_greedy(engine, record, pixels, last_closed: bool, temperature: float = 0.0,
+                              seeds=()) -> list[list[int]]:
+    """Each answer span equals plain engine.generate on the ids before it (sampled with seeds[k] when
+    temperature > 0; a cut answer that another turn follows is closed by the template's </s>); returns
+    the generations."""
     ids = _target_ids(record)
     spans = _answer_spans(record.loss_mask.tolist())
     generated = []
     for k, (a, b) in enumerate(spans):
-        gen = engine.generate(input_ids=ids[:a], pixel_values=pixels, max_new_tokens=MAX_NEW, speculative=False)
+        gen = engine.generate(input_ids=ids[:a], pixel_values=pixels, max_new_tokens=MAX_NEW, speculative=False,
+                              temperature=temperature, seed=seeds[k] if temperature else None)
         generated.append(gen.token_ids)
         closing = [2] if gen.finish_reason == "length" and (k < len(spans) - 1 or last_closed) else []
         assert ids[a:b] == gen.token_ids + closing, (k, gen.finish_reason)
@@ -95,3 +100,47 @@ def test_an_answer_ending_with_eos_is_kept_as_generated(engine, tmp_path):
     assert ids[spans[0][0]:spans[0][1]] == first[:4]
     assert ids[spans[0][1]] != 2  # no extra </s>: the next question starts right after the EOS
     assert torch.equal(record.loss_mask[spans[0][0]:spans[0][1]], torch.ones(4))
+
+
+def _record(tiny_llava_dir, tmp_path, name: str, *flags: str):
+    data = make_dataset(tmp_path)
+    assert main(["train-data", "--model", str(tiny_llava_dir), "--data", str(data), "--images", str(tmp_path / "img"),
+                 "--out", str(tmp_path / name), "--max-len", "200", "--regenerate", "--max-new-tokens", str(MAX_NEW),
+                 *flags]) == 0
+    return read_conversations(data, tmp_path / "img")[0], read_shards(tmp_path / name)
+
+
+def test_sampled_answers_follow_their_seeds_and_differ_from_greedy(tiny_llava_dir, engine, tmp_path):
+    convs, sampled = _record(tiny_llava_dir, tmp_path, "t1", "--temperature", "1.0", "--seed", "5")
+    _, greedy = _record(tiny_llava_dir, tmp_path, "t0")
+    _, other_seed = _record(tiny_llava_dir, tmp_path, "t1s6", "--temperature", "1.0", "--seed", "6")
+    assert len(sampled) == len(greedy) == 4
+    for conv, record in zip(convs, sampled):
+        pixels = pixel_values_for(engine.config, [conv.image] if conv.image else [])
+        seeds = [answer_seed(5, conv.id, k) for k in range(len(conv.turns))]
+        _check_answers_are_greedy(engine, record, pixels, last_closed=False, temperature=1.0, seeds=seeds)
+    # a random tiny model at T=1 all but never repeats its greedy answer, nor another seed's sample
+    assert all(not torch.equal(a.token_ids, b.token_ids) for a, b in zip(sampled, greedy))
+    assert any(not torch.equal(a.token_ids, b.token_ids) for a, b in zip(sampled, other_seed))
+
+
+def test_draft_writes_the_same_greedy_answers(tiny_llava_dir, tmp_path):
+    from tests.spec_doubles import write_random_draft
+
+    draft = write_random_draft(Engine.load(tiny_llava_dir, dtype="float32"), tmp_path / "draft")
+    _, plain = _record(tiny_llava_dir, tmp_path, "plain")
+    _, spec = _record(tiny_llava_dir, tmp_path, "spec", "--draft", str(draft))
+    assert len(plain) == len(spec) == 4
+    for a, b in zip(plain, spec):
+        assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.loss_mask, b.loss_mask)
+        torch.testing.assert_close(a.features, b.features, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flags, message", [(["--temperature", "0.5"], "need --regenerate"),
+                                            (["--regenerate", "--temperature", "-1"], "--temperature must be >= 0")])
+def test_sampling_flags_are_checked(tiny_llava_dir, tmp_path, flags, message, capsys):
+    data = make_dataset(tmp_path)
+    code = main(["train-data", "--model", str(tiny_llava_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+                 *flags])
+    assert code != 0 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

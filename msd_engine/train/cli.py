@@ -26,8 +26,14 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--images", type=Path, default=None, help="image folder (default: the JSON's folder)")
     p.add_argument("--out", required=True, type=Path, help="shard directory (resumed when it has a manifest)")
     p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN, help="skip conversations longer than this (tokens)")
-    p.add_argument("--regenerate", action="store_true", help="replace answers by the target's greedy answers")
+    p.add_argument("--regenerate", action="store_true", help="replace answers by the target's own answers")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit with --regenerate")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="with --regenerate: 0 = greedy answers, else sampled at this temperature")
+    p.add_argument("--seed", type=int, default=0, help="with --temperature: the seed the answers' seeds come from")
+    p.add_argument("--draft", type=Path, default=None,
+                   help="with --regenerate: write the answers with speculative decoding on this converted draft "
+                        "(the same answers, or the same distribution when sampling, only faster)")
     p.add_argument("--shard-size", type=int, default=256, help="records per shard")
 
     p = sub.add_parser("train", help="train a draft head on recorded shards, or on conversations on the fly")
@@ -86,11 +92,19 @@ def run_train_data(args: argparse.Namespace) -> int:
     from msd_engine.train.data import build_shards, read_conversations
 
     _positive(max_len=args.max_len, shard_size=args.shard_size, max_new_tokens=args.max_new_tokens)
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not args.regenerate and (args.temperature or args.draft is not None):
+        raise ValueError("--temperature and --draft choose how the target writes answers: they need --regenerate")
     conversations, skips = read_conversations(args.data, args.images)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_len)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_len,
+                         draft=args.draft)
+    source = _dataset_source(args.data, args.images)
+    if args.regenerate:
+        source.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     writer = build_shards(engine, conversations, args.out, max_len=args.max_len, records_per_shard=args.shard_size,
                           regenerate=args.regenerate, max_new_tokens=args.max_new_tokens,
-                          source=_dataset_source(args.data, args.images), progress=True)
+                          temperature=args.temperature, seed=args.seed, source=source, progress=True)
     records = sum(s["records"] for s in writer.shards)
     counts = {k: v + getattr(writer.skips, k) for k, v in skips.to_dict().items()}
     print(f"{records} records in {len(writer.shards)} shard(s) at {args.out}")

@@ -3,7 +3,7 @@
 `read_conversations` parses the JSON and skips bad items with a count per reason (never silently).
 `build_record` formats a conversation with the target's template, runs the target once over it and
 returns a `DraftRecord` whose loss mask is 1 exactly on the assistant answers (each with its `</s>`);
-with `regenerate` the answers are the target's own greedy ones, built in token space (`regenerate.py`).
+with `regenerate` the answers are the target's own (greedy or sampled), built in token space (`regenerate.py`).
 Records are stored as sharded safetensors with a `manifest.json`, rewritten atomically after each
 shard, so an interrupted `msd-engine train-data` run resumes where its last shard ended.
 """
@@ -181,13 +181,15 @@ def conversation_ids(engine: "Engine", turns: Sequence[tuple[str, str]], num_ima
 
 
 def build_record(engine: "Engine", conversation: Conversation, max_len: int, *, regenerate: bool = False,
-                 max_new_tokens: int = 512, skips: Optional[SkipCounts] = None) -> Optional[DraftRecord]:
+                 max_new_tokens: int = 512, temperature: float = 0.0, seed: int = 0,
+                 skips: Optional[SkipCounts] = None) -> Optional[DraftRecord]:
     """Run the target once over the formatted conversation; None (counted in `skips`) when the
     sequence is longer than `max_len` (or the engine's cache) or cannot be formatted.
 
-    regenerate: every answer is the target's own greedy answer (`regenerate.regenerated_ids`)."""
+    regenerate: every answer is the target's own answer, greedy at `temperature` 0, else sampled with
+    seeds drawn from `seed` (`regenerate.regenerated_ids`)."""
     try:
-        ids, mask = _checked_ids(engine, conversation, max_len, regenerate, max_new_tokens)
+        ids, mask = _checked_ids(engine, conversation, max_len, regenerate, max_new_tokens, temperature, seed)
     except PromptError as e:
         _count(skips, "malformed", conversation.id, str(e))
         return None
@@ -220,12 +222,12 @@ def tokenize_conversation(engine: "Engine", conversation: Conversation, max_len:
 
 
 def _checked_ids(engine: "Engine", conversation: Conversation, max_len: int, regenerate: bool = False,
-                 max_new_tokens: int = 0) -> tuple[list[int], list[int]]:
+                 max_new_tokens: int = 0, temperature: float = 0.0, seed: int = 0) -> tuple[list[int], list[int]]:
     limit = min(max_len, engine.cache.max_seq_len)
     if regenerate:
         from msd_engine.train.regenerate import regenerated_ids  # it builds on this module's helpers
 
-        ids, mask = regenerated_ids(engine, conversation, limit, max_new_tokens)
+        ids, mask = regenerated_ids(engine, conversation, limit, max_new_tokens, temperature, seed)
     else:
         ids, mask = conversation_ids(engine, conversation.turns, 1 if conversation.image is not None else 0)
     if len(ids) > limit:
@@ -407,7 +409,8 @@ def _read_shard(path: Path, count: int, hidden_size: Optional[int]) -> list[Draf
 
 def build_shards(engine: "Engine", conversations: Sequence[Conversation], out_dir: str | Path, *, max_len: int,
                  records_per_shard: int, regenerate: bool = False, max_new_tokens: int = 512,
-                 source: Optional[dict] = None, progress: bool = False) -> ShardWriter:
+                 temperature: float = 0.0, seed: int = 0, source: Optional[dict] = None,
+                 progress: bool = False) -> ShardWriter:
     """Record every conversation into shards, resuming after the last completed shard in out_dir."""
     writer = ShardWriter(Path(out_dir), records_per_shard, source or {})
     if writer.position > len(conversations):
@@ -420,7 +423,7 @@ def build_shards(engine: "Engine", conversations: Sequence[Conversation], out_di
     for n in todo:
         skipped = SkipCounts()
         record = build_record(engine, conversations[n], max_len, regenerate=regenerate,
-                              max_new_tokens=max_new_tokens, skips=skipped)
+                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, skips=skipped)
         writer.add(record, n + 1, skipped)
     writer.close(len(conversations))
     return writer

@@ -1,4 +1,8 @@
-"""`train-data --regenerate`: conversations whose answers are the target's own greedy answers.
+"""`train-data --regenerate`: conversations whose answers are the target's own answers: greedy, or
+sampled at a temperature (`--temperature`, seeded per conversation id and turn, so a recording split
+over processes samples the same answers). When the engine has a draft loaded, the answers are
+generated with speculative decoding: greedy answers are exactly plain decoding's, sampled ones follow
+exactly the target's distribution, only faster.
 
 The conversation is built in token space, one turn at a time: the template's tokens up to the
 answer, then exactly the tokens the target generated for that prefix. (Decoding the answers to text
@@ -16,6 +20,7 @@ Loss mask: 1 on each answer's tokens and its closing tokens (as `conversation_id
 """
 from __future__ import annotations
 
+import zlib
 from typing import TYPE_CHECKING
 
 from msd_engine.request import pixel_values_for
@@ -25,10 +30,16 @@ if TYPE_CHECKING:
     from msd_engine.engine import Engine
 
 
-def regenerated_ids(engine: "Engine", conversation: Conversation, limit: int,
-                    max_new_tokens: int) -> tuple[list[int], list[int]]:
-    """(expanded ids, loss mask) of `conversation` with every answer the target's greedy answer to the
-    conversation before it; generation stops early so that the sequence stays within `limit` tokens."""
+def answer_seed(seed: int, conversation_id: str, turn: int) -> int:
+    """The sampling seed of one answer: fixed by the run's seed, the conversation's id and the turn."""
+    return zlib.crc32(f"{seed}:{conversation_id}:{turn}".encode())
+
+
+def regenerated_ids(engine: "Engine", conversation: Conversation, limit: int, max_new_tokens: int,
+                    temperature: float = 0.0, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(expanded ids, loss mask) of `conversation` with every answer the target's own answer (greedy at
+    temperature 0, else sampled) to the conversation before it; generation stops early so that the
+    sequence stays within `limit` tokens."""
     cfg = engine.config
     n = 1 if conversation.image is not None else 0
     pixels = pixel_values_for(cfg, [conversation.image] if n else [])
@@ -46,7 +57,7 @@ def regenerated_ids(engine: "Engine", conversation: Conversation, limit: int,
         if room <= 0:
             raise _Skip("too_long", f"the prompt of turn {k} fills the {limit} tokens")
         tokens = engine.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=min(max_new_tokens, room),
-                                 speculative=False).token_ids
+                                 temperature=temperature, seed=answer_seed(seed, conversation.id, k)).token_ids
         stopped = bool(tokens) and tokens[-1] in cfg.eos_token_ids
         text = engine.tokenizer.decode(tokens[:-1] if stopped else tokens).strip()
         if not text:
