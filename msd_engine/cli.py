@@ -33,6 +33,8 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--draft", default=None, help="converted draft head (msd-engine convert msd-draft) for MSD")
     p.add_argument("--no-spec", action="store_true", help="plain decoding even when --draft is given")
+    p.add_argument("--draft-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="the draft head's precision (default: the target's)")
     _add_tree_args(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print one JSON object with text, ids, reason, stats")
@@ -63,6 +65,8 @@ def _add_tune_parser(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda", "cpu"])
     p.add_argument("--draft", default=None, help="measure whole tree shapes with this draft (needs --prompts)")
+    p.add_argument("--draft-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="the draft head's precision (default: the target's); tuned trees are cached per precision")
     p.add_argument("--prompts", default=None, help='JSON list of {"prompt": ..., "image": optional path}')
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt when measuring")
 
@@ -73,6 +77,8 @@ def run_tune(args: argparse.Namespace) -> int:
 
     if (args.draft is None) != (args.prompts is None):
         raise ValueError("--draft and --prompts go together (measured tuning of the whole tree)")
+    if args.draft is None and args.draft_dtype:
+        raise ValueError("--draft-dtype only makes sense with --draft")
     if args.draft is not None:
         return _run_measured_tune(args)
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
@@ -98,13 +104,14 @@ def _run_measured_tune(args: argparse.Namespace) -> int:
     prompts = read_prompts(Path(args.prompts), None)
     trees = trees_for(torch.device(args.device))
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, draft=args.draft,
-                         tree=scratch_tree(trees))
+                         tree=scratch_tree(trees), draft_dtype=args.draft_dtype)
     best, rates = tune_tree(engine, prompts, trees, args.max_new_tokens)
     for tree, rate in rates.items():
         print(f"top_k {tree.top_k:2d} depth {tree.depth} total {tree.total_tokens:3d}: {rate:7.1f} tok/s"
               f"{'  <- best' if tree == best else ''}")
     dtype = engine.model.text.embed_tokens.dtype
-    path = save_tuned(engine.device, engine.config, dtype, best, rates, draft=draft_key(Path(args.draft)))
+    key = draft_key(Path(args.draft), engine.drafter.model.fc_weight.dtype, dtype)
+    path = save_tuned(engine.device, engine.config, dtype, best, rates, draft=key)
     print(f"tree top_k={best.top_k} depth={best.depth} total_tokens={best.total_tokens} for this device, model and "
           f"draft (cached in {path})")
     return 0
@@ -124,10 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 def run_generate(args: argparse.Namespace) -> int:
     from msd_engine.engine import Engine
 
-    if args.no_spec and args.draft is None:
-        raise ValueError("--no-spec only makes sense with --draft")
+    if args.draft is None and (args.no_spec or args.draft_dtype):
+        raise ValueError(f"{'--no-spec' if args.no_spec else '--draft-dtype'} only makes sense with --draft")
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                         backend=args.backend, draft=args.draft, tree=_tree_from_args(args))
+                         backend=args.backend, draft=args.draft, tree=_tree_from_args(args),
+                         draft_dtype=args.draft_dtype)
     kwargs = dict(image=args.image or None, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_p=args.top_p, seed=args.seed, speculative=False if args.no_spec else None)
     if args.stream:

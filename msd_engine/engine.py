@@ -95,9 +95,13 @@ class Engine:
     def load(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
              dtype: Union[str, torch.dtype, None] = None, max_seq_len: Optional[int] = None,
              backend: str = "auto", draft: Union[str, Path, None] = None,
-             tree: Optional[TreeParams] = None) -> "Engine":
+             tree: Optional[TreeParams] = None, draft_dtype: Union[str, torch.dtype, None] = None) -> "Engine":
         """Load a converted model directory (see `msd-engine convert`), and optionally a converted
-        draft head (`msd-engine convert msd-draft`) for speculative decoding with tree `tree`."""
+        draft head (`msd-engine convert msd-draft`) for speculative decoding with tree `tree`.
+
+        draft_dtype: the draft head's precision (default: the target's). A half-precision draft over a
+        float32 target halves the draft's memory traffic on the CPU; the output stays the target's,
+        exactly, whatever the draft proposes."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: model directory not found")
@@ -115,13 +119,14 @@ class Engine:
         t = config.text
         cache = KVCache(t.num_layers, t.num_kv_heads, seq_len, t.head_dim, torch_dtype, dev)
         tokenizer = Tokenizer.from_file(path / TOKENIZER_FILE)
+        draft_torch_dtype = torch_dtype if draft_dtype is None else resolve_dtype(draft_dtype, config)
         if tree is None:
             # A tree size tuned for this device and model (`msd-engine tune`) beats the GPU default.
-            tuned = load_tuned(dev, config, torch_dtype, None if draft is None else draft_key(Path(draft)))
-            tree = tuned or TreeParams()
+            key = None if draft is None else draft_key(Path(draft), draft_torch_dtype, torch_dtype)
+            tree = load_tuned(dev, config, torch_dtype, key) or TreeParams()
         drafter = None
         if draft is not None:
-            drafter = load_drafter(Path(draft), model, ops, seq_len, tree, torch_dtype, dev)
+            drafter = load_drafter(Path(draft), model, ops, seq_len, tree, draft_torch_dtype, dev)
         return cls(config, model, tokenizer, cache, dev, backend, drafter, tree)
 
     # ---- public API --------------------------------------------------------------------------

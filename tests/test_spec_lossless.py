@@ -52,6 +52,19 @@ def test_random_draft_greedy_equals_plain(tiny_llava_dir, target, random_draft, 
         assert fast.stats["tau"] >= 1.0 and fast.finish_reason == "length"
 
 
+@pytest.mark.parametrize("draft_dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_draft_over_float32_target_is_lossless(tiny_llava_dir, target, random_draft, draft_dtype):
+    spec = no_eos(Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=192, draft=random_draft,
+                              tree=TreeParams(4, 3, 12), draft_dtype=draft_dtype))
+    draft = spec.drafter.model
+    assert draft.fc_weight.dtype == draft.lm_head.dtype == spec.drafter.cache.arena.dtype == draft_dtype
+    assert spec.model.text.lm_head.dtype == torch.float32
+    for seed in range(3):
+        ids, pixels = _request(20 + seed, with_image=seed != 1)
+        plain = target.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=30)
+        assert spec.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=30).token_ids == plain.token_ids
+
+
 @pytest.mark.parametrize("corrupt", [0.0, 0.3, 0.8])
 @pytest.mark.parametrize("with_image", [True, False])
 def test_oracle_draft_exercises_partial_and_full_acceptance(target, corrupt, with_image):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from msd_engine import Engine
 from msd_engine.cli import main
@@ -69,6 +70,8 @@ def test_cli_generate_with_draft_and_tree_flags(tiny_llava_dir, tmp_path, capsys
     assert main(base + flags + ["--no-spec"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert "tau" not in plain["stats"] and plain["token_ids"] == spec["token_ids"]
+    assert main(base + flags + ["--draft-dtype", "bfloat16"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == plain["token_ids"]
 
 
 def test_measured_tree_tuning_is_cached_per_draft_and_used_by_load(tiny_llava_dir, monkeypatch, tmp_path):
@@ -88,6 +91,14 @@ def test_measured_tree_tuning_is_cached_per_draft_and_used_by_load(tiny_llava_di
     assert tune.load_tuned(engine.device, engine.config, dtype) is None  # only for that draft
     assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft).tree == TreeParams(3, 3, 8)
     assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128).tree == TreeParams()
+    # a draft run in another precision is timed apart: the float32 entry does not apply to it
+    half = tune.draft_key(draft, torch.bfloat16, dtype)
+    assert half != key and tune.draft_key(draft, dtype, dtype) == key
+    assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft,
+                       draft_dtype="bfloat16").tree == TreeParams()
+    tune.save_tuned(engine.device, engine.config, dtype, TreeParams(2, 2, 4), rates, draft=half)
+    assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft,
+                       draft_dtype="bfloat16").tree == TreeParams(2, 2, 4)
 
 
 def test_cli_measured_tune(tiny_llava_dir, monkeypatch, tmp_path, capsys):

@@ -32,7 +32,8 @@ class DraftModel:
                                 post_attention_norm=weights[p + "post_attention_layernorm.weight"],
                                 gate_up_proj=gate_up, down_proj=weights[p + "mlp.down_proj.weight"])
         self.vocab_ids: Optional[torch.Tensor] = weights.get(DRAFT_VOCAB_KEY)  # [Vd] int64 target ids, or None
-        self.lm_head = target_lm_head if self.vocab_ids is None else target_lm_head[self.vocab_ids].contiguous()
+        lm_head = target_lm_head if self.vocab_ids is None else target_lm_head[self.vocab_ids].contiguous()
+        self.lm_head = lm_head.to(self.fc_weight.dtype)  # no copy when the draft runs in the target's dtype
         self.cos, self.sin = rotary_tables(config, max_seq_len, self.fc_weight.dtype, self.fc_weight.device)
 
     def plan_step(self, positions: torch.Tensor, start: int, mask: Optional[torch.Tensor],

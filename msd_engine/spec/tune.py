@@ -90,9 +90,11 @@ def tune_tree(engine, prompts, trees, max_new_tokens: int = 64) -> tuple[TreePar
     return max(rates, key=lambda t: rates[t]), rates
 
 
-def draft_key(draft_dir: Path) -> Optional[str]:
-    """Identifies a converted draft: its config and the head of its weights file (None when the
-    directory is not a draft; loading it then says why)."""
+def draft_key(draft_dir: Path, draft_dtype: Optional[torch.dtype] = None,
+              target_dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Identifies a converted draft: its config and the head of its weights file, and the precision
+    it runs in where that is not the target's (None when the directory is not a draft; loading it
+    then says why)."""
     draft_dir = Path(draft_dir)
     weights = draft_dir / "model.safetensors"
     if not (draft_dir / "config.json").is_file() or not weights.is_file():
@@ -101,7 +103,10 @@ def draft_key(draft_dir: Path) -> Optional[str]:
     with open(weights, "rb") as f:
         digest.update(f.read(1 << 20))
     digest.update(str(weights.stat().st_size).encode())
-    return digest.hexdigest()[:16]
+    key = digest.hexdigest()[:16]
+    if draft_dtype is not None and draft_dtype != target_dtype:
+        key += "@" + str(draft_dtype).removeprefix("torch.")
+    return key
 
 
 def candidates_for(device: torch.device) -> dict[int, float]:
