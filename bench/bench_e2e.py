@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_reference import build_hf_llava, hf_generate  # noqa: E402
 
-from msd_engine.demo.assets import HELDOUT_PROMPTS, demo_home, export_photo, load_prompts  # noqa: E402
+from msd_engine.demo.assets import DRAFT_DTYPE, HELDOUT_PROMPTS, demo_home, export_photo, load_prompts  # noqa: E402
 from msd_engine.demo.cli import prepare  # noqa: E402
 from msd_engine.engine import Engine  # noqa: E402
 from msd_engine.request import expand_image_tokens, pixel_values_for, prompt_ids  # noqa: E402
@@ -63,8 +63,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.tree:
         k, d, n = (int(x) for x in args.tree.split(","))
         tree = TreeParams(top_k=k, depth=d, total_tokens=n)
-    engines = {"msd": Engine.load(target, dtype="float32", max_seq_len=2048, draft=msd_dir, tree=tree)}
-    engines["eagle"] = Engine.load(target, dtype="float32", max_seq_len=2048, draft=eagle_dir, tree=engines["msd"].tree)
+    engines = {"msd": Engine.load(target, dtype="float32", max_seq_len=2048, draft=msd_dir, tree=tree,
+                                  draft_dtype=DRAFT_DTYPE)}
+    engines["eagle"] = Engine.load(target, dtype="float32", max_seq_len=2048, draft=eagle_dir, tree=engines["msd"].tree,
+                                   draft_dtype=DRAFT_DTYPE)
     engines["plain"] = engines["msd"]
     hf = build_hf_llava(target) if "transformers" in args.systems else None
     images = demo_home() / "images"
@@ -115,7 +117,8 @@ def run(args: argparse.Namespace) -> dict:
                   + f"  ({done} done)", flush=True)
     return {"rows": rows, "summary": summarise(rows, args.systems),
             "config": {"max_new_tokens": args.max_new_tokens, "temperatures": args.temperatures,
-                       "prompts": len(prompts), "tree": dataclasses.asdict(engines["msd"].tree), "dtype": "float32", "backend": engines["msd"].backend},
+                       "prompts": len(prompts), "tree": dataclasses.asdict(engines["msd"].tree), "dtype": "float32",
+                       "draft_dtype": DRAFT_DTYPE, "backend": engines["msd"].backend},
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "threads": torch.get_num_threads(), "torch": torch.__version__}}
 

@@ -80,7 +80,7 @@ def prepare(mode: str, progress: bool = True) -> tuple[Path, Path]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from msd_engine.demo.assets import SAMPLE, demo_home, export_photo
+    from msd_engine.demo.assets import DRAFT_DTYPE, SAMPLE, demo_home, export_photo
     from msd_engine.engine import Engine
 
     if args.max_new_tokens < 1:
@@ -95,7 +95,7 @@ def run_demo(args: argparse.Namespace) -> int:
         image = None
     else:
         image = Path(args.image)
-    engine = Engine.load(target, dtype="float32", max_seq_len=2048, draft=draft)
+    engine = Engine.load(target, dtype="float32", max_seq_len=2048, draft=draft, draft_dtype=DRAFT_DTYPE)
     kwargs = dict(image=image, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     if quiet:
         spec = engine.generate(args.prompt, speculative=True, **kwargs)

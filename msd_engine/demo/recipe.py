@@ -3,8 +3,9 @@
 1. build the demo target (SmolLM2 + seeded vision tower, `target.py`);
 2. write the project's training instructions (`data/train_prompts.json`) as LLaVA-style
    conversations, with scikit-image photographs for the image prompts;
-3. `train-data --regenerate`: the target answers every instruction greedily, and its features over
-   each conversation are recorded into shards (resumed where a previous run stopped);
+3. `train-data --regenerate`: the target answers every instruction greedily (with speculative decoding
+   on the shipped msd draft when there is one: the same answers, faster), and its features over each
+   conversation are recorded into shards (resumed where a previous run stopped);
 4. pick the draft vocabulary (the most frequent answer tokens, EOS always in) and train an `msd`
    and an `eagle` draft with the project's trainer and curriculum (resumed from checkpoints);
 5. convert both, pack them into `msd_engine/demo/drafts/` and report tau on the held-out prompts.
@@ -19,8 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from msd_engine.demo.assets import (HELDOUT_PROMPTS, SHIPPED_DRAFTS, TRAIN_PROMPTS, demo_home, export_photo,
-                                    load_prompts, pack_draft)
+from msd_engine.demo.assets import (DRAFT_DTYPE, HELDOUT_PROMPTS, SHIPPED_DRAFTS, TRAIN_PROMPTS, demo_home,
+                                    export_photo, load_prompts, pack_draft)
 from msd_engine.demo.target import ensure_target
 
 
@@ -29,9 +30,9 @@ class Recipe:
     max_new_tokens: int = 128   # answer length the target writes for each instruction
     max_len: int = 1024         # tokens per conversation (prompt + image + answer)
     draft_vocab: int = 8192     # reduced draft vocabulary (0: the whole 49k)
-    epochs: int = 14
-    text_epochs: int = 5        # curriculum stage 1 (text only)
-    ramp_epochs: int = 7        # stage 2: visual share rising linearly to 1, then 2 epochs of everything
+    epochs: int = 8
+    text_epochs: int = 3        # curriculum stage 1 (text only)
+    ramp_epochs: int = 4        # stage 2: visual share rising linearly to 1, then 1 epoch of everything
     lr: float = 3e-4
     warmup: int = 60
     batch_size: int = 8
@@ -63,7 +64,9 @@ def record_answers(target_dir: Path, work: Path, recipe: Recipe, progress: bool)
     conversations, skips = read_conversations(conv_path, images)
     if skips.total:
         raise RuntimeError(f"{conv_path}: {skips.to_dict()} conversations unusable; the prompt set is broken")
-    engine = Engine.load(target_dir, dtype="float32", max_seq_len=recipe.max_len)
+    draft = _shipped_msd_draft()
+    engine = Engine.load(target_dir, dtype="float32", max_seq_len=recipe.max_len, draft=draft,
+                         draft_dtype=DRAFT_DTYPE if draft else None)
     shards = work / "shards"
     writer = build_shards(engine, conversations, shards, max_len=recipe.max_len, records_per_shard=64,
                           regenerate=True, max_new_tokens=recipe.max_new_tokens,
@@ -71,6 +74,17 @@ def record_answers(target_dir: Path, work: Path, recipe: Recipe, progress: bool)
                           progress=progress)
     print(f"recorded {sum(s['records'] for s in writer.shards)} conversations; skipped {writer.skips.to_dict()}")
     return shards
+
+
+def _shipped_msd_draft() -> Optional[Path]:
+    """The installed shipped msd draft, to record with (greedy speculative decoding writes exactly the
+    target's greedy answers); None when the package ships none."""
+    from msd_engine.demo.assets import HEAD_FILE
+    from msd_engine.demo.cli import prepare
+
+    if not (SHIPPED_DRAFTS / "msd" / HEAD_FILE).is_file():
+        return None
+    return prepare("msd", progress=False)[1]
 
 
 def train_drafts(target_dir: Path, shards: Path, work: Path, recipe: Recipe, modes: Sequence[str],
@@ -116,7 +130,8 @@ def heldout_tau(target_dir: Path, draft_dir: Path, images: Path, max_new_tokens:
     from msd_engine.spec.tree import TreeParams
     from msd_engine.train.cli import tau_report
 
-    engine = Engine.load(target_dir, dtype="float32", max_seq_len=1024, draft=draft_dir, tree=TreeParams())
+    engine = Engine.load(target_dir, dtype="float32", max_seq_len=1024, draft=draft_dir, tree=TreeParams(),
+                         draft_dtype=DRAFT_DTYPE)
     prompts = [(p["prompt"], export_photo(p["image"], images) if p.get("image") else None)
                for p in load_prompts(HELDOUT_PROMPTS)]
     return {group: r["tau"] for group, r in tau_report(engine, prompts, max_new_tokens).items()}
