@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_reference import build_hf_llava, hf_generate  # noqa: E402
 
-from msd_engine.demo.assets import DRAFT_DTYPE, HELDOUT_PROMPTS, demo_home, export_photo, load_prompts  # noqa: E402
-from msd_engine.demo.cli import prepare  # noqa: E402
+from msd_engine.demo.assets import (DRAFT_DTYPE, HELDOUT_PROMPTS, demo_home, export_photo, load_prompts,  # noqa: E402
+                                    prepare)
 from msd_engine.engine import Engine  # noqa: E402
 from msd_engine.request import expand_image_tokens, pixel_values_for, prompt_ids  # noqa: E402
 from msd_engine.spec.tree import TreeParams  # noqa: E402

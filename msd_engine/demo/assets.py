@@ -99,3 +99,21 @@ def install_draft(mode: str, target_dir: Path, dst: Path, shipped_root: Path = S
         embed = f.get_tensor("text.embed_tokens.weight")
     save_draft(Path(dst), config, {**head, EMBED_KEY: embed}, force=True)
     return Path(dst)
+
+
+def prepare(mode: str, progress: bool = True) -> tuple[Path, Path]:
+    """The demo target and the `mode` draft in the demo cache, built or installed when missing or
+    when the package ships a different draft than the one installed."""
+    from msd_engine.demo.target import ensure_target, file_sha256
+
+    home = demo_home()
+    target = ensure_target(home / "target", progress)
+    draft = home / "drafts" / mode
+    stamp = draft / "shipped.sha256"
+    shipped = file_sha256(SHIPPED_DRAFTS / mode / HEAD_FILE)
+    if not stamp.is_file() or stamp.read_text().strip() != shipped:
+        if progress:
+            print(f"installing the shipped {mode} draft in {draft} ...", flush=True)
+        install_draft(mode, target, draft)
+        stamp.write_text(shipped + "\n")
+    return target, draft

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -56,31 +55,8 @@ def run_recipe_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def prepare(mode: str, progress: bool = True) -> tuple[Path, Path]:
-    """The demo target and the `mode` draft in the demo cache, built or installed when missing or
-    when the package ships a different draft than the one installed."""
-    from msd_engine.demo.assets import HEAD_FILE, SHIPPED_DRAFTS, demo_home, install_draft
-    from msd_engine.demo.target import ensure_target
-
-    home = demo_home()
-    target = ensure_target(home / "target", progress)
-    draft = home / "drafts" / mode
-    stamp = draft / "shipped.sha256"
-    shipped = _sha256(SHIPPED_DRAFTS / mode / HEAD_FILE)
-    if not stamp.is_file() or stamp.read_text().strip() != shipped:
-        if progress:
-            print(f"installing the shipped {mode} draft in {draft} ...", flush=True)
-        install_draft(mode, target, draft)
-        stamp.write_text(shipped + "\n")
-    return target, draft
-
-
 def run_demo(args: argparse.Namespace) -> int:
-    from msd_engine.demo.assets import DRAFT_DTYPE, SAMPLE, demo_home, export_photo
+    from msd_engine.demo.assets import DRAFT_DTYPE, SAMPLE, demo_home, export_photo, prepare
     from msd_engine.engine import Engine
 
     if args.max_new_tokens < 1:

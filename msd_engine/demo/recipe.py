@@ -79,8 +79,7 @@ def record_answers(target_dir: Path, work: Path, recipe: Recipe, progress: bool)
 def _shipped_msd_draft() -> Optional[Path]:
     """The installed shipped msd draft, to record with (greedy speculative decoding writes exactly the
     target's greedy answers); None when the package ships none."""
-    from msd_engine.demo.assets import HEAD_FILE
-    from msd_engine.demo.cli import prepare
+    from msd_engine.demo.assets import HEAD_FILE, prepare
 
     if not (SHIPPED_DRAFTS / "msd" / HEAD_FILE).is_file():
         return None
