@@ -30,7 +30,7 @@ from tests.kernel_checks import max_ulps, strided
 pytestmark = pytest.mark.skipif(not native.is_built(), reason="needs msd_engine._C")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MS = (1, 2, 3, 7, 16, 17)
+MS = (1, 2, 3, 5, 6, 7, 8, 16, 17)  # 5..8: the one-pass AVX-512 path
 NS = (1, 7, 64, 577, 1536)
 KS = (1, 7, 16, 31, 576, 1537)
 
@@ -92,7 +92,7 @@ def test_linear_matches_float64(dtype, m, n, k):
 def test_every_simd_path(cpu_isa, isa, dtype):
     cpu_isa(isa)
     assert native.cpu_isa() == isa
-    for m, n, k in [(1, 7, 1), (3, 577, 7), (17, 64, 31), (2, 9, 1537), (5, 1536, 576)]:
+    for m, n, k in [(1, 7, 1), (3, 577, 7), (17, 64, 31), (2, 9, 1537), (5, 1536, 576), (6, 65, 31), (8, 577, 17)]:
         x, weight, bias = operands(m, n, k, dtype, x_pad=5, seed=m + n + k)
         for b in (None, bias):
             out = native.linear(x, weight, b, out=torch.full((m, n), float("nan"), dtype=dtype))
@@ -102,7 +102,7 @@ def test_every_simd_path(cpu_isa, isa, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_thread_count_does_not_change_the_result(dtype):
     """Each output's sum is computed the same way whichever thread owns its column."""
-    for m, n, k in [(1, 4099, 64), (3, 577, 576), (16, 1536, 1537), (17, 1536, 576)]:
+    for m, n, k in [(1, 4099, 64), (3, 577, 576), (6, 1537, 576), (16, 1536, 1537), (17, 1536, 576)]:
         x, weight, bias = operands(m, n, k, dtype, seed=n + k)
         one = native.linear(x, weight, bias, num_threads=1)
         for threads in (2, 3, 0, -1):
