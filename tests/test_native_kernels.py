@@ -212,3 +212,30 @@ def test_import_without_extension():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "msd_engine._C is not built: run pip install -e ." in result.stdout
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_backend_norms_use_the_kernels_for_skinny_steps(dtype, monkeypatch):
+    """CpuOps: rms_norm / add_rms_norm / silu_mul go to the native kernels up to SKINNY_ROWS rows
+    (within the kernels' ulp bounds of torch, residual updated in place), torch's ops past that."""
+    from msd_engine.ops.cpu_ops import SKINNY_ROWS, CpuOps
+
+    cpu, calls = CpuOps(torch.device("cpu")), []
+    for name in ("rms_norm", "add_rms_norm", "silu_mul"):
+        kernel = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    g = torch.Generator().manual_seed(3)
+    for rows in (1, 5, SKINNY_ROWS, SKINNY_ROWS + 1):
+        calls.clear()
+        x = torch.randn(rows, 576, generator=g).to(dtype)
+        residual = torch.randn(rows, 576, generator=g).to(dtype)
+        weight = random_weight(576, dtype)
+        gate_up = torch.randn(rows, 2 * 96, generator=g).to(dtype)
+        assert max_ulps(cpu.rms_norm(x, weight, EPS), rms_norm_ref(x, weight, EPS)) <= MAX_ULPS[dtype]
+        expected, expected_residual = add_rms_norm_ref(x, residual, weight, EPS)
+        mine = residual.clone()
+        normed, new_residual = cpu.add_rms_norm(x, mine, weight, EPS)
+        assert torch.equal(new_residual, expected_residual)
+        assert max_ulps(normed, expected) <= MAX_ULPS[dtype]
+        assert max_ulps(cpu.silu_mul(gate_up), silu_mul_ref(gate_up)) <= MAX_ULPS[dtype]
+        assert calls == ([] if rows > SKINNY_ROWS else ["rms_norm", "add_rms_norm", "silu_mul"])
