@@ -1,14 +1,14 @@
-"""transformers' `LlavaForConditionalGeneration` holding a converted msd-engine model's weights: the
-reference the end-to-end benchmark times, built from the same files the engine loads.
+"""transformers' `LlavaForConditionalGeneration` holding a converted msd-engine model's weights, built
+from the same files the engine loads: the reference the end-to-end benchmark times, and the batched
+generator `train-data --batched` records the target's answers with.
 
 The key mapping is the converter's (`msd_engine.convert.llava_hf`), inverted. The demo target keeps
 its <image> id outside the vocabulary (as the original LLaVA release), which transformers' LLaVA
 cannot embed; `generate` below therefore builds the input embeddings with transformers' own
-embedding, vision tower and projector and hands them to `generate(inputs_embeds=...)`.
+embedding, vision tower and projector (`input_embeds` below) and hands them to `generate(inputs_embeds=...)`.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -61,44 +61,15 @@ def build_hf_llava(model_dir: Path, dtype: torch.dtype = torch.float32):
     return model.to(dtype), cfg
 
 
-class _Clock:
-    """A generate() streamer that notes when each new token arrives."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.tokens: list[int] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.times.append(time.perf_counter())
-        self.tokens.extend(int(x) for x in value.reshape(-1))
-
-    def end(self) -> None:
-        pass
-
-
-def hf_generate(model, cfg: ModelConfig, input_ids: list[int], pixel_values: Optional[torch.Tensor],
-                max_new_tokens: int, temperature: float, seed: int) -> tuple[list[int], float]:
-    """(new token ids, decode tokens/s: tokens after the first over the time after the first)."""
-    image_id = cfg.image_token_id
-    ids = torch.tensor([input_ids])
-    is_image = ids == image_id
-    with torch.inference_mode():
-        embeds = model.get_input_embeddings()(ids.masked_fill(is_image, 0))
-        if pixel_values is not None:
-            features = model.get_image_features(pixel_values=pixel_values.to(embeds.dtype))
-            features = features.pooler_output if hasattr(features, "pooler_output") else features
-            if isinstance(features, (list, tuple)):
-                features = torch.cat(list(features))
-            embeds[is_image] = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-        clock = _Clock()
-        torch.manual_seed(seed)
-        sample = temperature > 0
-        out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=max_new_tokens, do_sample=sample,
-                             temperature=temperature if sample else None, top_p=None, top_k=None,
-                             streamer=clock, eos_token_id=list(cfg.eos_token_ids),
-                             pad_token_id=cfg.eos_token_ids[0])
-    tokens = out[0].tolist()
-    steps = len(clock.times) - 1
-    rate = steps / (clock.times[-1] - clock.times[0]) if steps > 0 else 0.0
-    return tokens, rate
+def input_embeds(model, cfg: ModelConfig, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B, T] expanded ids (each image patch as the image token) -> [B, T, H] input embeddings: the
+    text embedding, with image positions replaced by the projector's output (one image per row)."""
+    is_image = input_ids == cfg.image_token_id
+    embeds = model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+    if pixel_values is not None:
+        features = model.get_image_features(pixel_values=pixel_values.to(embeds.dtype))
+        features = features.pooler_output if hasattr(features, "pooler_output") else features
+        if isinstance(features, (list, tuple)):
+            features = torch.cat(list(features))
+        embeds[is_image] = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+    return embeds

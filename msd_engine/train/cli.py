@@ -34,6 +34,10 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--draft", type=Path, default=None,
                    help="with --regenerate: write the answers with speculative decoding on this converted draft "
                         "(the same answers, or the same distribution when sampling, only faster)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="with --regenerate: answer this many single-turn conversations at once with transformers' "
+                        "batched generate on the same weights, greedy (needs transformers; 0: one at a time "
+                        "in the engine)")
     p.add_argument("--shard-size", type=int, default=256, help="records per shard")
 
     p = sub.add_parser("train", help="train a draft head on recorded shards, or on conversations on the fly")
@@ -94,22 +98,42 @@ def run_train_data(args: argparse.Namespace) -> int:
     _positive(max_len=args.max_len, shard_size=args.shard_size, max_new_tokens=args.max_new_tokens)
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if not args.regenerate and (args.temperature or args.draft is not None):
-        raise ValueError("--temperature and --draft choose how the target writes answers: they need --regenerate")
+    if not args.regenerate and (args.temperature or args.draft is not None or args.batch_size):
+        raise ValueError("--temperature, --draft and --batch-size choose how the target writes answers: "
+                         "they need --regenerate")
+    if args.batch_size < 0:
+        raise ValueError(f"--batch-size must be >= 0 (0: one conversation at a time), got {args.batch_size}")
+    if args.batch_size and (args.temperature or args.draft is not None or args.device != "cpu"):
+        raise ValueError("--batch-size records greedy answers with transformers on the CPU: "
+                         "it takes no --temperature, --draft or --device")
     conversations, skips = read_conversations(args.data, args.images)
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_len,
                          draft=args.draft)
     source = _dataset_source(args.data, args.images)
     if args.regenerate:
         source.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    writer = build_shards(engine, conversations, args.out, max_len=args.max_len, records_per_shard=args.shard_size,
-                          regenerate=args.regenerate, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, seed=args.seed, source=source, progress=True)
+    if args.batch_size:
+        writer = _record_batched(args, engine, conversations, source)
+    else:
+        writer = build_shards(engine, conversations, args.out, max_len=args.max_len,
+                              records_per_shard=args.shard_size, regenerate=args.regenerate,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                              source=source, progress=True)
     records = sum(s["records"] for s in writer.shards)
     counts = {k: v + getattr(writer.skips, k) for k, v in skips.to_dict().items()}
     print(f"{records} records in {len(writer.shards)} shard(s) at {args.out}")
     print("skipped: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (total {sum(counts.values())})")
     return 0
+
+
+def _record_batched(args: argparse.Namespace, engine, conversations, source: dict):
+    from msd_engine.train.batched import load_hf_target, record_batched
+    from msd_engine.train.data import ShardWriter
+
+    source = {**source, "batched": True}  # a resume must not mix batched and batch-1 answers
+    writer = ShardWriter(args.out, args.shard_size, source)
+    return record_batched(engine, load_hf_target(args.model, engine.model.text.embed_tokens.dtype), conversations, writer, max_len=args.max_len,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True)
 
 
 def run_train(args: argparse.Namespace) -> int:
