@@ -1,11 +1,12 @@
 """`msd-engine demo-recipe`: how the shipped demo drafts are made, in one resumable command.
 
 1. build the demo target (SmolLM2 + seeded vision tower, `target.py`);
-2. write the project's training instructions (`data/train_prompts.json`) as LLaVA-style
-   conversations, with scikit-image photographs for the image prompts;
-3. `train-data --regenerate`: the target answers every instruction greedily (with speculative decoding
-   on the shipped msd draft when there is one: the same answers, faster), and its features over each
-   conversation are recorded into shards (resumed where a previous run stopped);
+2. write the project's training instructions as LLaVA-style conversations, with scikit-image
+   photographs for the image prompts: the hand-written set (`data/train_prompts.json`) and a mix
+   composed from templates and word lists (`prompt_mix.py`);
+3. `train-data --regenerate --batch-size`: the target answers every instruction greedily, many at a
+   time (transformers' batched generate on the same weights, `train/batched.py`), and its features
+   over each conversation are recorded into shards (resumed where a previous run stopped);
 4. pick the draft vocabulary (the most frequent answer tokens, EOS always in) and train an `msd`
    and an `eagle` draft with the project's trainer and curriculum (resumed from checkpoints);
 5. convert both, pack them into `msd_engine/demo/drafts/` and report tau on the held-out prompts.
@@ -20,14 +21,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from msd_engine.demo.assets import (DRAFT_DTYPE, HELDOUT_PROMPTS, SHIPPED_DRAFTS, TRAIN_PROMPTS, demo_home,
+from msd_engine.demo.assets import (DRAFT_DTYPE, HELDOUT_PROMPTS, PHOTOS, SHIPPED_DRAFTS, TRAIN_PROMPTS, demo_home,
                                     export_photo, load_prompts, pack_draft)
+from msd_engine.demo.prompt_mix import composed_prompts
 from msd_engine.demo.target import ensure_target
 
 
 @dataclass(frozen=True)
 class Recipe:
     max_new_tokens: int = 128   # answer length the target writes for each instruction
+    record_batch: int = 128     # instructions answered at once while recording
+    composed_prompts: int = 2200  # instructions of the composed mix, on top of the hand-written ones
     max_len: int = 1024         # tokens per conversation (prompt + image + answer)
     draft_vocab: int = 8192     # reduced draft vocabulary (0: the whole 49k)
     epochs: int = 8
@@ -55,38 +59,37 @@ def write_conversations(prompts: Sequence[dict], images_dir: Path, path: Path) -
     return path
 
 
-def record_answers(target_dir: Path, work: Path, recipe: Recipe, progress: bool) -> Path:
+def training_prompt_sets(recipe: "Recipe") -> dict[str, list[dict]]:
+    """The instructions the drafts learn from: the hand-written set, and the composed mix
+    (`prompt_mix.py`), which never repeats a hand-written or held-out prompt."""
+    written = load_prompts(TRAIN_PROMPTS)
+    exclude = [p["prompt"] for p in written + load_prompts(HELDOUT_PROMPTS)]
+    return {"written": written, "composed": composed_prompts(recipe.composed_prompts, exclude, PHOTOS, seed=recipe.seed)}
+
+
+def record_answers(target_dir: Path, work: Path, name: str, prompts: Sequence[dict], recipe: Recipe,
+                   progress: bool) -> Path:
+    """The target's greedy answers to `prompts` and its features over them, as shards in work/shards-<name>."""
     from msd_engine.engine import Engine
-    from msd_engine.train.data import build_shards, read_conversations
+    from msd_engine.train.batched import load_hf_target, record_batched
+    from msd_engine.train.data import ShardWriter, read_conversations
 
     images = work / "images"
-    conv_path = write_conversations(load_prompts(TRAIN_PROMPTS), images, work / "train.json")
+    conv_path = write_conversations(prompts, images, work / f"{name}.json")
     conversations, skips = read_conversations(conv_path, images)
     if skips.total:
         raise RuntimeError(f"{conv_path}: {skips.to_dict()} conversations unusable; the prompt set is broken")
-    draft = _shipped_msd_draft()
-    engine = Engine.load(target_dir, dtype="float32", max_seq_len=recipe.max_len, draft=draft,
-                         draft_dtype=DRAFT_DTYPE if draft else None)
-    shards = work / "shards"
-    writer = build_shards(engine, conversations, shards, max_len=recipe.max_len, records_per_shard=64,
-                          regenerate=True, max_new_tokens=recipe.max_new_tokens,
-                          source={"data": TRAIN_PROMPTS.name, "max_new_tokens": recipe.max_new_tokens},
-                          progress=progress)
-    print(f"recorded {sum(s['records'] for s in writer.shards)} conversations; skipped {writer.skips.to_dict()}")
+    engine = Engine.load(target_dir, dtype="float32", max_seq_len=recipe.max_len)
+    shards = work / f"shards-{name}"
+    source = {"data": name, "prompts": len(prompts), "max_new_tokens": recipe.max_new_tokens, "batched": True}
+    writer = record_batched(engine, load_hf_target(target_dir, torch.float32), conversations,
+                            ShardWriter(shards, recipe.record_batch, source), max_len=recipe.max_len,
+                            max_new_tokens=recipe.max_new_tokens, batch_size=recipe.record_batch, progress=progress)
+    print(f"{name}: recorded {sum(s['records'] for s in writer.shards)} conversations; skipped {writer.skips.to_dict()}")
     return shards
 
 
-def _shipped_msd_draft() -> Optional[Path]:
-    """The installed shipped msd draft, to record with (greedy speculative decoding writes exactly the
-    target's greedy answers); None when the package ships none."""
-    from msd_engine.demo.assets import HEAD_FILE, prepare
-
-    if not (SHIPPED_DRAFTS / "msd" / HEAD_FILE).is_file():
-        return None
-    return prepare("msd", progress=False)[1]
-
-
-def train_drafts(target_dir: Path, shards: Path, work: Path, recipe: Recipe, modes: Sequence[str],
+def train_drafts(target_dir: Path, shards: Sequence[Path], work: Path, recipe: Recipe, modes: Sequence[str],
                  ship_to: Optional[Path], progress: bool) -> dict[str, Path]:
     from msd_engine.convert.msd_draft import convert_msd_draft
     from msd_engine.draft.init import draft_config_for
@@ -97,7 +100,7 @@ def train_drafts(target_dir: Path, shards: Path, work: Path, recipe: Recipe, mod
     from msd_engine.train.vocab import frequent_tokens
 
     engine = Engine.load(target_dir, dtype="float32", max_seq_len=16)
-    records = read_shards(shards, hidden_size=engine.config.text.hidden_size)
+    records = [r for d in shards for r in read_shards(d, hidden_size=engine.config.text.hidden_size)]
     vocab = None
     if recipe.draft_vocab:
         vocab = frequent_tokens(records, recipe.draft_vocab, always=engine.config.eos_token_ids,
@@ -143,7 +146,8 @@ def run_recipe(work: Optional[Path] = None, recipe: Recipe = Recipe(), modes: Se
     (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
     target = ensure_target(demo_home() / "target", progress)
     torch.manual_seed(recipe.seed)
-    shards = record_answers(target, work, recipe, progress)
+    shards = [record_answers(target, work, name, prompts, recipe, progress)
+              for name, prompts in training_prompt_sets(recipe).items()]
     drafts = train_drafts(target, shards, work, recipe, modes, ship_to, progress)
     report = {mode: heldout_tau(target, path, work / "images", recipe.eval_max_new_tokens)
               for mode, path in drafts.items()}
