@@ -74,6 +74,21 @@ def test_conversations_for_the_recipe_read_back_with_their_images(tmp_path):
     assert conversations[0].turns[0][0].startswith("<image>\n") and conversations[1].image is None
 
 
+def test_composed_prompt_mix_is_fixed_distinct_and_never_a_held_out_or_written_prompt():
+    from msd_engine.demo.recipe import Recipe, training_prompt_sets
+
+    sets = training_prompt_sets(Recipe())
+    mix = sets["composed"]
+    assert len(mix) == Recipe().composed_prompts and mix == training_prompt_sets(Recipe())["composed"]
+    texts = [(p["prompt"], p.get("image")) for p in mix]
+    assert len(set(texts)) == len(texts)
+    others = {p["prompt"] for p in sets["written"] + assets.load_prompts(assets.HELDOUT_PROMPTS)}
+    assert not others & {p["prompt"] for p in mix}
+    assert {p["image"] for p in mix if p.get("image")} <= set(assets.PHOTOS)
+    assert 0.05 < sum(1 for p in mix if p.get("image")) / len(mix) < 0.3
+    assert training_prompt_sets(Recipe(seed=1))["composed"] != mix
+
+
 def test_pack_and_install_round_trip_keeps_the_draft(demo_target, tmp_path):
     from msd_engine.convert.msd_draft import save_draft
     from msd_engine.draft.init import draft_config_for, init_draft_weights
