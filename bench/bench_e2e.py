@@ -29,6 +29,7 @@ from hf_reference import build_hf_llava, hf_generate  # noqa: E402
 
 from msd_engine.demo.assets import (DRAFT_DTYPE, HELDOUT_PROMPTS, demo_home, export_photo, load_prompts,  # noqa: E402
                                     prepare)
+from msd_engine.demo.tuning import ensure_tuned_tree  # noqa: E402
 from msd_engine.engine import Engine  # noqa: E402
 from msd_engine.request import expand_image_tokens, pixel_values_for, prompt_ids  # noqa: E402
 from msd_engine.spec.tree import TreeParams  # noqa: E402
@@ -43,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    p.add_argument("--tree", default=None, help="TOP_K,DEPTH,TOTAL (default: the engine's, tuned when cached)")
+    p.add_argument("--tree", default=None,
+                   help="TOP_K,DEPTH,TOTAL (default: the tree measured for the msd draft on this machine, cached)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "e2e_cpu.json")
     return p.parse_args(argv)
@@ -59,10 +61,11 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     target, msd_dir = prepare("msd")
     _, eagle_dir = prepare("eagle")
-    tree = None
     if args.tree:
         k, d, n = (int(x) for x in args.tree.split(","))
         tree = TreeParams(top_k=k, depth=d, total_tokens=n)
+    else:  # the tree measured for the msd draft on this machine (as the demo uses), for both drafts
+        tree = ensure_tuned_tree(target, msd_dir)
     engines = {"msd": Engine.load(target, dtype="float32", max_seq_len=2048, draft=msd_dir, tree=tree,
                                   draft_dtype=DRAFT_DTYPE)}
     engines["eagle"] = Engine.load(target, dtype="float32", max_seq_len=2048, draft=eagle_dir, tree=engines["msd"].tree,

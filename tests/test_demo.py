@@ -89,6 +89,28 @@ def test_composed_prompt_mix_is_fixed_distinct_and_never_a_held_out_or_written_p
     assert training_prompt_sets(Recipe(seed=1))["composed"] != mix
 
 
+@pytest.mark.skipif(not (assets.SHIPPED_DRAFTS / "msd" / assets.HEAD_FILE).is_file(), reason="no shipped drafts")
+def test_demo_measures_its_tree_once_and_the_engine_then_uses_it(demo_target, monkeypatch):
+    from msd_engine.demo import tuning
+    from msd_engine.spec import tune
+    from msd_engine.spec.tree import TreeParams
+
+    trees = (TreeParams(2, 2, 4), TreeParams(2, 3, 5))
+    monkeypatch.setattr(tune, "CPU_TREES", trees)
+    monkeypatch.setattr(tuning, "TUNE_MAX_NEW_TOKENS", 6)
+    tune.cache_file().unlink(missing_ok=True)
+    target, draft = assets.prepare("msd", progress=False)
+    best = tuning.ensure_tuned_tree(target, draft, progress=False)
+    assert best in trees
+    monkeypatch.setattr(tune, "tune_tree", lambda *a, **k: pytest.fail("measured again"))
+    assert tuning.ensure_tuned_tree(target, draft, progress=False) == best
+    engine = Engine.load(target, dtype="float32", max_seq_len=64, draft=draft, draft_dtype=assets.DRAFT_DTYPE)
+    assert engine.tree == best
+    prompts = tuning.tuning_prompts()
+    assert sum(image is not None for _, image in prompts) == len(prompts) // 2
+    assert not {text for text, _ in prompts} & {p["prompt"] for p in assets.load_prompts(assets.HELDOUT_PROMPTS)}
+
+
 def test_pack_and_install_round_trip_keeps_the_draft(demo_target, tmp_path):
     from msd_engine.convert.msd_draft import save_draft
     from msd_engine.draft.init import draft_config_for, init_draft_weights

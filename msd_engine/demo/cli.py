@@ -57,6 +57,7 @@ def run_recipe_command(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from msd_engine.demo.assets import DRAFT_DTYPE, SAMPLE, demo_home, export_photo, prepare
+    from msd_engine.demo.tuning import ensure_tuned_tree
     from msd_engine.engine import Engine
 
     if args.max_new_tokens < 1:
@@ -65,6 +66,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not quiet:
         print(ABOUT + "\n", flush=True)
     target, draft = prepare(args.draft, progress=not quiet)
+    ensure_tuned_tree(target, draft, progress=not quiet)  # else a CPU would verify the GPU's 60-node tree
     if args.image is None:
         image = export_photo(SAMPLE["image"], demo_home() / "images")
     elif args.image.lower() == "none":
