@@ -129,10 +129,12 @@ MSD_AVX512 void weight_block(const LinearArgs& a, int64_t col) {
     }
 }
 
-// Weight rows for one pass over all MB (5..8) rows of x: MB x R accumulators + R weight
-// vectors + 1 x vector within the 32 zmm registers. Splitting x into 4 + (MB - 4) rows instead
-// would read every weight block twice, the second time without prefetching: m = 5 would then
-// cost what m = 8 costs, about 1.4x m = 1 (verify steps of a few tree nodes are that shape).
+// Weight rows for one pass over all MB (5 or 6) rows of x: MB x R accumulators + R weight
+// vectors + 1 x vector within the 32 zmm registers (R = 5 or 4). Split as 4 + (MB - 4) rows, every
+// weight block is read twice, the second time from L1 without prefetching; what that costs
+// depends on the core. Measured (bench_cpu_linear, 2 threads, float32): on an AMD EPYC m = 5 cost
+// what m = 8 costs, 1.4x m = 1; on an Intel Xeon with AVX-512 one pass is 0-7% faster at m = 5..6
+// and 5-15% slower at m = 7..8 (R = 3 leaves too few weight rows per x load), so 7 and 8 stay split.
 template <int MB>
 constexpr int kWideRows = (31 - 1) / (MB + 1);
 
@@ -158,8 +160,6 @@ MSD_AVX512 void rows(const LinearArgs& a, int64_t begin, int64_t end) {
     switch (a.m) {
         case 5: return wide_rows<D, 5>(a, begin, end);
         case 6: return wide_rows<D, 6>(a, begin, end);
-        case 7: return wide_rows<D, 7>(a, begin, end);
-        case 8: return wide_rows<D, 8>(a, begin, end);
         default: break;
     }
     int64_t col = begin;
