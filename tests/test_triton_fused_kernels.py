@@ -163,10 +163,14 @@ def check_topk(hidden, weight, k, values, indices):
     assert all(len(set(row)) == k for row in indices.tolist()), "an index repeats"
     log_probs, exact_values, _ = topk_exact(hidden, weight, k)
     ref_values, _ = logsoftmax_topk_ref(hidden, weight, k)
-    assert_error_bounded(values, ref_values, exact_values)
+    # torch's error level over the whole row, not at the k values only: with T = k = 1 that is one
+    # number, which a lucky rounding can make tiny (seen on an Intel Xeon: 7e-8 against the
+    # kernel's 9e-7 on a log-prob of -2.3, about 4 ulps)
+    ref_row = torch.log_softmax(torch.nn.functional.linear(hidden, weight).float(), dim=-1)
+    torch_error = (ref_row.double() - log_probs).abs().max().item()
+    assert_error_bounded(values, ref_values, exact_values, torch_error=torch_error)
     # Each index carries its value, within the same bound (near-ties may come in either order).
     kernel_error = (values.double() - log_probs.gather(1, indices)).abs().max().item()
-    torch_error = (ref_values.double() - exact_values).abs().max().item()
     slack = torch.finfo(torch.float32).eps * exact_values.abs().max().item()
     assert kernel_error <= 2 * torch_error + slack, (kernel_error, torch_error, slack)
 
