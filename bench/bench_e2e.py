@@ -1,6 +1,6 @@
 """End-to-end speed of the demo pair over the held-out prompts, all systems in one run.
 
-Systems: transformers `generate` on the same weights (bench/hf_reference.py), the engine's plain
+Systems: transformers `generate` on the same weights (`msd_engine.convert.to_transformers`), the engine's plain
 decoding, the engine with the `eagle` draft, the engine with the `msd` draft. For every held-out
 prompt (with and without images) and every temperature, each system generates the same number of
 tokens at most; decode tokens/s is (new tokens - 1) / (time after the first token), summed over the
@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hf_reference import build_hf_llava, hf_generate  # noqa: E402
+from hf_reference import hf_generate  # noqa: E402
 
+from msd_engine.convert.to_transformers import build_hf_llava  # noqa: E402
 from msd_engine.demo.assets import (DRAFT_DTYPE, HELDOUT_PROMPTS, demo_home, export_photo, load_prompts,  # noqa: E402
                                     prepare)
 from msd_engine.demo.tuning import ensure_tuned_tree  # noqa: E402

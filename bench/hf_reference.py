@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from msd_engine.config import ModelConfig
-from msd_engine.convert.to_transformers import build_hf_llava, input_embeds  # noqa: F401  (bench_e2e imports both)
+from msd_engine.convert.to_transformers import input_embeds
 
 
 class _Clock:

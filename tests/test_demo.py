@@ -150,10 +150,12 @@ def test_demo_command_speculates_losslessly_with_the_shipped_draft(demo_target, 
 def test_transformers_llava_on_the_demo_weights_matches_the_engine(demo_target):
     sys.path.insert(0, str(BENCH))
     try:
-        from hf_reference import build_hf_llava, hf_generate
+        from hf_reference import hf_generate
     finally:
         sys.path.remove(str(BENCH))
     from msd_engine.request import expand_image_tokens, pixel_values_for, prompt_ids
+
+    from msd_engine.convert.to_transformers import build_hf_llava
 
     model, config = build_hf_llava(demo_target)
     engine = Engine.load(demo_target, dtype="float32", max_seq_len=512)

@@ -1,6 +1,6 @@
 """transformers' `LlavaForConditionalGeneration` holding a converted msd-engine model's weights, built
 from the same files the engine loads: the reference the end-to-end benchmark times, and the batched
-generator `train-data --batched` records the target's answers with.
+generator `train-data --regenerate --batch-size` records the target's answers with.
 
 The key mapping is the converter's (`msd_engine.convert.llava_hf`), inverted. The demo target keeps
 its <image> id outside the vocabulary (as the original LLaVA release), which transformers' LLaVA
