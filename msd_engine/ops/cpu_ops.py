@@ -28,6 +28,11 @@ from msd_engine.ops.torch_ops import TorchOps
 SKINNY_ROWS = 16  # up to this many rows the native kernel streams the weight once
 
 
+def _skinny(t: torch.Tensor) -> bool:
+    """A decode-sized step: at most SKINNY_ROWS rows of t's last dimension."""
+    return (t.numel() // t.shape[-1] if t.shape[-1] else 0) <= SKINNY_ROWS
+
+
 class CpuOps(TorchOps):
     name = "cpu"
 
@@ -84,24 +89,24 @@ class CpuOps(TorchOps):
 
     # RMSNorm and SwiGLU's product, one native call each while the step is skinny: as torch ops they
     # are several small kernels and temporaries per call, 90 calls per SmolLM2 token (about 2 ms of
-    # a ~30 ms float32 token, cProfile). Larger steps keep torch's vectorised ops.
+    # a ~30 ms float32 token under cProfile on the earlier AMD host). Larger steps keep torch's
+    # vectorised ops.
     def rms_norm(self, x, weight, eps):
-        if x.shape[0] > SKINNY_ROWS or x.dim() != 2:
+        if not _skinny(x):
             return super().rms_norm(x, weight, eps)
         return native.rms_norm(x, weight, eps)
 
     def add_rms_norm(self, x, residual, weight, eps):
-        if x.shape[0] > SKINNY_ROWS or x.dim() != 2:
+        if not _skinny(x):
             return super().add_rms_norm(x, residual, weight, eps)
         return native.add_rms_norm(x, residual, weight, eps), residual  # residual += x in place
 
     def silu_mul(self, gate_up):
-        if gate_up.shape[0] > SKINNY_ROWS or gate_up.dim() != 2:
+        if not _skinny(gate_up):
             return super().silu_mul(gate_up)
         return native.silu_mul(gate_up)
 
     def linear(self, x, weight, bias=None):
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows > SKINNY_ROWS or weight.stride(-1) != 1:
+        if not _skinny(x) or weight.stride(-1) != 1:
             return F.linear(x, weight, bias)
         return native.linear(x, weight, bias)

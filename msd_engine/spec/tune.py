@@ -49,9 +49,10 @@ def model_key(config: ModelConfig, dtype: torch.dtype) -> str:
 
 
 # Tree shapes `tune_tree` measures: (top_k, depth, total_tokens).
-# A CPU pays for every drafted row and every verified token, so its trees are small and narrow;
-# verifying up to ~8 tree tokens costs 1.1-1.5x a plain step there (the CPU linear streams each
-# weight once for all rows), so deep narrow trees of that size are candidates too.
+# A CPU pays for every drafted row and every verified token, so its trees are small and narrow.
+# Measured on a 2-core Xeon: a 5-node verify cost 1.15x a plain step (bench_e2e), and the CPU
+# linear at 8 rows 1.4-2x its 1-row time (bench_cpu_linear), so deep narrow trees of 6-8 nodes are
+# candidates beside the shallow ones.
 CPU_TREES = (TreeParams(2, 3, 5), TreeParams(2, 4, 6), TreeParams(3, 3, 6), TreeParams(4, 3, 6),
              TreeParams(3, 4, 8), TreeParams(4, 4, 8), TreeParams(4, 5, 10), TreeParams(6, 5, 12),
              TreeParams(6, 6, 16))
