@@ -25,6 +25,7 @@ def engine(tiny_llava_dir):
 
 
 def _record(tiny_llava_dir, root, name: str, batch: int, *flags: str) -> int:
+    """The CLI's exit code (later flags win, e.g. a second --shard-size)."""
     return main(["train-data", "--model", str(tiny_llava_dir), "--data", str(root / "data.json"),
                  "--images", str(root / "img"), "--out", str(root / name), "--max-len", "200", "--regenerate",
                  "--max-new-tokens", str(MAX_NEW), "--batch-size", str(batch), "--shard-size", "2", *flags])
@@ -64,12 +65,32 @@ def test_batch_size_does_not_change_the_records(tiny_llava_dir, tmp_path):
     assert read_manifest(tmp_path / "b4")["complete"]
 
 
-def test_a_finished_batched_run_resumes_to_nothing_new(tiny_llava_dir, tmp_path):
+def test_an_interrupted_batched_run_resumes_after_its_last_shard(tiny_llava_dir, tmp_path, monkeypatch):
+    """Batches of 2, one record per shard: a failure in the second batch keeps the first batch's
+    shard; the rerun generates only what is missing and ends with what an uninterrupted run records."""
+    from msd_engine.train import batched
+
     make_dataset(tmp_path)
-    assert _record(tiny_llava_dir, tmp_path, "r", 2) == 0
-    before = read_manifest(tmp_path / "r")
-    assert _record(tiny_llava_dir, tmp_path, "r", 2) == 0
-    assert read_manifest(tmp_path / "r") == before
+    assert _record(tiny_llava_dir, tmp_path, "whole", 2, "--shard-size", "1") == 0
+    generate, calls = batched._generate_group, []
+
+    def failing_second(engine, hf_model, group, skips):
+        calls.append([p.conversation.id for p in group])
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        yield from generate(engine, hf_model, group, skips)
+
+    monkeypatch.setattr(batched, "_generate_group", failing_second)
+    assert _record(tiny_llava_dir, tmp_path, "resumed", 2, "--shard-size", "1") != 0  # the CLI reports the error
+    assert len(calls) == 2
+    assert read_manifest(tmp_path / "resumed")["position"] == 2 and not read_manifest(tmp_path / "resumed")["complete"]
+    calls.clear()
+    assert _record(tiny_llava_dir, tmp_path, "resumed", 2, "--shard-size", "1") == 0
+    assert calls == [["long", "t2"]]  # the first batch (t1 skipped, v1) is not generated again
+    whole, resumed = read_manifest(tmp_path / "whole"), read_manifest(tmp_path / "resumed")
+    assert resumed["complete"] and resumed["skips"] == whole["skips"]
+    for a, b in zip(read_shards(tmp_path / "whole"), read_shards(tmp_path / "resumed"), strict=True):
+        assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.loss_mask, b.loss_mask)
 
 
 @pytest.mark.parametrize("flags, message", [
