@@ -129,6 +129,33 @@ def test_every_simd_path(isa, dtype):
         native.set_cpu_isa(None)
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tree_rows_equal_decoding_each_token_alone_bit_for_bit(isa, dtype):
+    """A decode-sized masked step (region <= 64: a verified tree, a draft level): each row's output
+    is exactly that of a mask-free single-query call over the slots the row sees, laid out one
+    after another, as plain decoding sees the same token after its ancestors. This is what makes
+    greedy verification return plain decoding's tokens in every precision. Prefix lengths on both
+    sides of the 64-slot blocks; regions with scratch slots before the tree."""
+    try:
+        native.set_cpu_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU or build cannot run the {isa} path")
+    try:
+        for prefix in (0, 5, 63, 64, 100, 127, 577):
+            for t, region, shape in [(5, 5, (9, 3, 64)), (16, 16, (6, 2, 40)), (12, 30, (9, 3, 64)),
+                                     (60, 64, (8, 2, 128))]:
+                q, k, v, mask = operands(t, prefix, region, shape, dtype, seed=prefix * 31 + t)
+                out = native.tree_attention(q, k, v, prefix, native.pack_mask(mask), region)
+                for i in range(t):
+                    seen = torch.cat([torch.arange(prefix), prefix + mask[i].nonzero()[:, 0]])
+                    alone = native.tree_attention(q[i:i + 1], k[:, seen].contiguous(), v[:, seen].contiguous(),
+                                                  len(seen) - 1, None, 1)
+                    assert torch.equal(out[i], alone[0]), (prefix, t, region, i)
+    finally:
+        native.set_cpu_isa(None)
+
+
 def test_without_mask_and_rows_that_see_nothing():
     q, k, v, mask = operands(7, 100, 7, (9, 3, 64), torch.float32, seed=1)
     check_attention(q, k, v, 100, mask, use_mask=False)  # mask None: every region slot visible

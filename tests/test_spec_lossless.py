@@ -65,6 +65,26 @@ def test_half_precision_draft_over_float32_target_is_lossless(tiny_llava_dir, ta
         assert spec.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=30).token_ids == plain.token_ids
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_target_verifies_exactly_what_plain_decoding_computes(tiny_llava_dir, dtype):
+    """In 16-bit precision each op's rounding would turn any difference between a tree node's
+    arithmetic and plain decoding's into other tokens at near-ties; the CPU kernels compute a node
+    exactly as plain decoding computes its token (see msd_tree_attention_cpu). Oracle drafts: deep
+    acceptance, wrong siblings beside every chain node."""
+    target = no_eos(Engine.load(tiny_llava_dir, dtype=dtype, max_seq_len=192))
+    assert target.backend == "cpu" and target.model.text.lm_head.dtype == getattr(torch, dtype)
+    for seed in range(4):
+        ids, pixels = _request(40 + seed, with_image=seed % 2 == 0)
+        plain = target.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=48)
+        drafter = OracleDrafter(plain.token_ids + [0] * 16, vocab=target.config.text.vocab_size, seed=seed,
+                                corrupt=0.2)
+        engine = Engine(target.config, target.model, target.tokenizer, target.cache,
+                        target.device, target.backend, drafter, TreeParams(4, 6, 16))
+        fast = engine.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=48)
+        assert fast.token_ids == plain.token_ids
+        assert fast.stats["tau"] > 2.0
+
+
 @pytest.mark.parametrize("corrupt", [0.0, 0.3, 0.8])
 @pytest.mark.parametrize("with_image", [True, False])
 def test_oracle_draft_exercises_partial_and_full_acceptance(target, corrupt, with_image):

@@ -52,15 +52,15 @@ MSD_AVX2 inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-MSD_AVX2 void scores(const float* q, int64_t q_stride, int rows, const float* k,
-                     int64_t k_stride, int keys, int64_t d, float* s, int64_t s_stride) {
+MSD_AVX2 void scores(const float* q, int64_t q_stride, int rows, const float* const* k,
+                     int keys, int64_t d, float* s, int64_t s_stride) {
     for (int m0 = 0; m0 < rows; m0 += kScoreRows) {
         const float* qr[kScoreRows];
         for (int i = 0; i < kScoreRows; ++i) qr[i] = q + std::min(m0 + i, rows - 1) * q_stride;
         for (int n0 = 0; n0 < keys; n0 += kScoreKeys) {
             const float* kr[kScoreKeys];
             for (int j = 0; j < kScoreKeys; ++j) {
-                kr[j] = k + std::min(n0 + j, keys - 1) * k_stride;
+                kr[j] = k[std::min(n0 + j, keys - 1)];
             }
             __m256 acc[kScoreRows][kScoreKeys];
             for (int i = 0; i < kScoreRows; ++i)
@@ -152,8 +152,8 @@ MSD_AVX2 float softmax_row(float* s, int keys, float* max, float* sum) {
 // (the masks would not fit in the registers beside the accumulators of full chunks). The
 // block's sum is added to the rescaled accumulator at the end, as in attention_avx512.cpp.
 template <bool kMasked>
-MSD_AVX2 void accumulate_chunk(const float* p, int64_t p_stride, int rows, const float* v,
-                               int64_t v_stride, int keys, int64_t d, int64_t c0,
+MSD_AVX2 void accumulate_chunk(const float* p, int64_t p_stride, int rows,
+                               const float* const* v, int keys, int64_t d, int64_t c0,
                                const float* alpha, float* acc, int64_t acc_stride) {
     __m256i mask[kAccVectors];
     for (int j = 0; j < kAccVectors; ++j) mask[j] = lanes_mask(d - c0 - j * kLanes);
@@ -169,7 +169,7 @@ MSD_AVX2 void accumulate_chunk(const float* p, int64_t p_stride, int rows, const
         }
         for (int n = 0; n < keys; ++n) {
             __m256 vv[kAccVectors];
-            const float* vn = v + n * v_stride + c0;
+            const float* vn = v[n] + c0;
             for (int j = 0; j < kAccVectors; ++j) vv[j] = load(vn + j * kLanes, j);
             for (int i = 0; i < kAccRows; ++i) {
                 const __m256 pv = _mm256_broadcast_ss(p + row[i] * p_stride + n);
@@ -196,18 +196,16 @@ MSD_AVX2 void accumulate_chunk(const float* p, int64_t p_stride, int rows, const
     }
 }
 
-MSD_AVX2 void accumulate(const float* p, int64_t p_stride, int rows, const float* v,
-                         int64_t v_stride, int keys, int64_t d, const float* alpha, float* acc,
+MSD_AVX2 void accumulate(const float* p, int64_t p_stride, int rows, const float* const* v,
+                         int keys, int64_t d, const float* alpha, float* acc,
                          int64_t acc_stride) {
     constexpr int64_t kChunk = kAccVectors * kLanes;
     int64_t c0 = 0;
     for (; c0 + kChunk <= d; c0 += kChunk) {
-        accumulate_chunk<false>(p, p_stride, rows, v, v_stride, keys, d, c0, alpha, acc,
-                                acc_stride);
+        accumulate_chunk<false>(p, p_stride, rows, v, keys, d, c0, alpha, acc, acc_stride);
     }
     if (c0 < d) {
-        accumulate_chunk<true>(p, p_stride, rows, v, v_stride, keys, d, c0, alpha, acc,
-                               acc_stride);
+        accumulate_chunk<true>(p, p_stride, rows, v, keys, d, c0, alpha, acc, acc_stride);
     }
 }
 

@@ -49,15 +49,15 @@ MSD_AVX512 inline __m128 sum_each(const __m512 v[4]) {
 }
 
 // Partial groups reuse the last valid row / key (computed, never stored): no tail variants.
-MSD_AVX512 void scores(const float* q, int64_t q_stride, int rows, const float* k,
-                       int64_t k_stride, int keys, int64_t d, float* s, int64_t s_stride) {
+MSD_AVX512 void scores(const float* q, int64_t q_stride, int rows, const float* const* k,
+                       int keys, int64_t d, float* s, int64_t s_stride) {
     for (int m0 = 0; m0 < rows; m0 += kScoreRows) {
         const float* qr[kScoreRows];
         for (int i = 0; i < kScoreRows; ++i) qr[i] = q + std::min(m0 + i, rows - 1) * q_stride;
         for (int n0 = 0; n0 < keys; n0 += kScoreKeys) {
             const float* kr[kScoreKeys];
             for (int j = 0; j < kScoreKeys; ++j) {
-                kr[j] = k + std::min(n0 + j, keys - 1) * k_stride;
+                kr[j] = k[std::min(n0 + j, keys - 1)];
             }
             __m512 acc[kScoreRows][kScoreKeys];
             for (int i = 0; i < kScoreRows; ++i)
@@ -131,8 +131,8 @@ MSD_AVX512 float softmax_row(float* s, int keys, float* max, float* sum) {
 // the last row, stored once); each value row is loaded once per row group. The block's sum
 // starts from zero and is added to the rescaled accumulator at the end: summing in two levels
 // (64 keys, then blocks) keeps float32's error from growing with every key of a long context.
-MSD_AVX512 void accumulate(const float* p, int64_t p_stride, int rows, const float* v,
-                           int64_t v_stride, int keys, int64_t d, const float* alpha, float* acc,
+MSD_AVX512 void accumulate(const float* p, int64_t p_stride, int rows, const float* const* v,
+                           int keys, int64_t d, const float* alpha, float* acc,
                            int64_t acc_stride) {
     for (int64_t c0 = 0; c0 < d; c0 += kAccVectors * kLanes) {
         __mmask16 mask[kAccVectors];
@@ -146,7 +146,7 @@ MSD_AVX512 void accumulate(const float* p, int64_t p_stride, int rows, const flo
             }
             for (int n = 0; n < keys; ++n) {
                 __m512 vv[kAccVectors];
-                const float* vn = v + n * v_stride + c0;
+                const float* vn = v[n] + c0;
                 for (int j = 0; j < kAccVectors; ++j) {
                     vv[j] = _mm512_maskz_loadu_ps(mask[j], vn + j * kLanes);
                 }

@@ -11,12 +11,12 @@ namespace {
 
 constexpr int64_t kChunk = 64;  // accumulate: columns summed per pass over a block's keys
 
-void scores(const float* q, int64_t q_stride, int rows, const float* k, int64_t k_stride,
-            int keys, int64_t d, float* s, int64_t s_stride) {
+void scores(const float* q, int64_t q_stride, int rows, const float* const* k, int keys,
+            int64_t d, float* s, int64_t s_stride) {
     for (int m = 0; m < rows; ++m) {
         const float* qm = q + m * q_stride;
         for (int n = 0; n < keys; ++n) {
-            const float* kn = k + n * k_stride;
+            const float* kn = k[n];
             float dot = 0.0f;
             for (int64_t c = 0; c < d; ++c) dot += qm[c] * kn[c];
             s[m * s_stride + n] = dot;
@@ -43,8 +43,8 @@ float softmax_row(float* s, int keys, float* max, float* sum) {
     return alpha;
 }
 
-void accumulate(const float* p, int64_t p_stride, int rows, const float* v, int64_t v_stride,
-                int keys, int64_t d, const float* alpha, float* acc, int64_t acc_stride) {
+void accumulate(const float* p, int64_t p_stride, int rows, const float* const* v, int keys,
+                int64_t d, const float* alpha, float* acc, int64_t acc_stride) {
     // The block's sum starts from zero and is added to the rescaled accumulator at the end:
     // summing in two levels keeps float32's error from growing with every key.
     for (int m = 0; m < rows; ++m) {
@@ -54,7 +54,7 @@ void accumulate(const float* p, int64_t p_stride, int rows, const float* v, int6
             float block[kChunk] = {};
             for (int n = 0; n < keys; ++n) {
                 const float pn = p[m * p_stride + n];
-                const float* vn = v + n * v_stride + c0;
+                const float* vn = v[n] + c0;
                 for (int64_t c = 0; c < width; ++c) block[c] += pn * vn[c];
             }
             for (int64_t c = 0; c < width; ++c) am[c0 + c] = am[c0 + c] * alpha[m] + block[c];

@@ -8,6 +8,15 @@
 // from memory once for every row of the task. Blocks of the masked region start at prefix_len,
 // which puts a block's mask bits of one query in two int32 words, and a region block that no
 // row of the task sees (half of them in a causal prefill) is skipped.
+//
+// A decode-sized masked step (a region of at most 64 keys: a verified tree, a draft level)
+// instead has each query row walk exactly the keys it sees, as one dense sequence cut into the
+// blocks of 64 that a step without a mask cuts from slot 0 (`attend_dense_tail`). A tree node's
+// arithmetic is then the arithmetic of the same token decoded alone after its ancestors, bit for
+// bit, since the micro-kernels depend neither on the other rows nor on where a key lives. So
+// greedy speculative decoding gives plain decoding's tokens exactly, in float32 and in 16-bit
+// precisions alike. Weighing masked keys 0 in place would not: they shift the visible keys'
+// lanes in the softmax sum, and a region that starts its own block regroups the online softmax.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -25,6 +34,8 @@ namespace msd::cpu {
 namespace {
 
 constexpr int kBlockKeys = kAttentionBlockKeys;
+// A dense tail: the prefix past its last full block (< 64 keys) and a region of <= 64 keys.
+constexpr int kTailKeys = 2 * kBlockKeys;
 constexpr int kBlockRows = kAttentionBlockRows;
 constexpr int kMinBlockRows = 4;  // the AVX-512 kernels' register block
 constexpr float kLog2e = 1.4426950408889634f;
@@ -78,18 +89,21 @@ struct Job {
 // One thread's buffers, grown to the largest head_dim seen and kept between calls.
 struct Scratch {
     std::vector<float> q, acc, k, v, s, max, sum, alpha;
+    // K/V row pointers of a block or of a dense tail, and one query's gathered subset of them.
+    std::vector<const float*> k_rows, v_rows, k_seen, v_seen;
 
     void reserve(int64_t head_dim) {
         const auto block = static_cast<size_t>(kBlockRows * head_dim);
         if (q.size() >= block) return;
         q.resize(block);
         acc.resize(block);
-        k.resize(static_cast<size_t>(kBlockKeys * head_dim));
-        v.resize(static_cast<size_t>(kBlockKeys * head_dim));
+        k.resize(static_cast<size_t>(kTailKeys * head_dim));
+        v.resize(static_cast<size_t>(kTailKeys * head_dim));
         s.resize(static_cast<size_t>(kBlockRows * kBlockKeys));
         max.resize(kBlockRows);
         sum.resize(kBlockRows);
         alpha.resize(kBlockRows);
+        for (auto* rows : {&k_rows, &v_rows, &k_seen, &v_seen}) rows->resize(kTailKeys);
     }
 };
 
@@ -102,19 +116,19 @@ uint64_t visible_bits(const Job& job, int64_t t, int64_t j0, int keys) {
     return keys >= 64 ? bits : bits & ((uint64_t{1} << keys) - 1);
 }
 
-// The [keys, head_dim] block of a cache from `slot` as float32 rows: in place for float32,
-// widened into `buffer` otherwise. Returns the rows and sets their stride.
-const float* kv_rows(const Job& job, const void* cache, int64_t kv_head, int64_t slot, int keys,
-                     float* buffer, int64_t* stride) {
+// Pointers to the `keys` float32 rows of a cache from `slot`: in place for float32, widened
+// into `buffer` otherwise.
+void kv_rows(const Job& job, const void* cache, int64_t kv_head, int64_t slot, int keys,
+             float* buffer, const float** rows) {
     const int64_t offset = kv_head * job.kv_head_stride + slot * job.kv_slot_stride;
     if (job.kernels.widen == nullptr) {
-        *stride = job.kv_slot_stride;
-        return static_cast<const float*>(cache) + offset;
+        const float* base = static_cast<const float*>(cache) + offset;
+        for (int n = 0; n < keys; ++n) rows[n] = base + n * job.kv_slot_stride;
+        return;
     }
     job.kernels.widen(static_cast<const uint16_t*>(cache) + offset, job.kv_slot_stride, keys,
                       job.head_dim, buffer);
-    *stride = job.head_dim;
-    return buffer;
+    for (int n = 0; n < keys; ++n) rows[n] = buffer + n * job.head_dim;
 }
 
 // One block of keys [slot, slot + keys) for the task's `rows` rows; visible[m] holds row m's
@@ -123,9 +137,8 @@ void key_block(const Job& job, Scratch& w, int64_t kv_head, int rows, int64_t sl
                const uint64_t* visible) {
     const AttentionKernels& kernels = *job.kernels.attention;
     const int64_t d = job.head_dim;
-    int64_t stride = 0;
-    const float* k = kv_rows(job, job.k_cache, kv_head, slot, keys, w.k.data(), &stride);
-    kernels.scores(w.q.data(), d, rows, k, stride, keys, d, w.s.data(), kBlockKeys);
+    kv_rows(job, job.k_cache, kv_head, slot, keys, w.k.data(), w.k_rows.data());
+    kernels.scores(w.q.data(), d, rows, w.k_rows.data(), keys, d, w.s.data(), kBlockKeys);
     for (int m = 0; m < rows; ++m) {
         float* s = w.s.data() + m * kBlockKeys;
         if (visible != nullptr && visible[m] != (~uint64_t{0} >> (64 - keys))) {
@@ -135,9 +148,39 @@ void key_block(const Job& job, Scratch& w, int64_t kv_head, int rows, int64_t sl
         }
         w.alpha[m] = kernels.softmax_row(s, keys, &w.max[m], &w.sum[m]);
     }
-    const float* v = kv_rows(job, job.v_cache, kv_head, slot, keys, w.v.data(), &stride);
-    kernels.accumulate(w.s.data(), kBlockKeys, rows, v, stride, keys, d, w.alpha.data(),
+    kv_rows(job, job.v_cache, kv_head, slot, keys, w.v.data(), w.v_rows.data());
+    kernels.accumulate(w.s.data(), kBlockKeys, rows, w.v_rows.data(), keys, d, w.alpha.data(),
                        w.acc.data(), d);
+}
+
+// The keys from tail_start (the prefix's last full block end) to num_keys, for a region of at
+// most kBlockKeys: each row gathers the ones it sees (the prefix's rest, then its visible region
+// keys in slot order) and walks them in blocks of kBlockKeys, as an unmasked step would.
+void attend_dense_tail(const Job& job, Scratch& w, int64_t kv_head, int64_t row0, int rows,
+                       int64_t tail_start) {
+    const AttentionKernels& kernels = *job.kernels.attention;
+    const int64_t d = job.head_dim;
+    const int prefix_rest = static_cast<int>(job.region_start - tail_start);
+    const int region = static_cast<int>(job.num_keys - job.region_start);
+    kv_rows(job, job.k_cache, kv_head, tail_start, prefix_rest + region, w.k.data(), w.k_rows.data());
+    kv_rows(job, job.v_cache, kv_head, tail_start, prefix_rest + region, w.v.data(), w.v_rows.data());
+    for (int m = 0; m < rows; ++m) {
+        const uint64_t visible = visible_bits(job, (row0 + m) % job.num_queries, 0, region);
+        int seen = 0;
+        for (int n = 0; n < prefix_rest + region; ++n) {
+            if (n >= prefix_rest && ((visible >> (n - prefix_rest)) & 1u) == 0) continue;
+            w.k_seen[seen] = w.k_rows[n];
+            w.v_seen[seen++] = w.v_rows[n];
+        }
+        float* s = w.s.data() + m * kBlockKeys;
+        for (int n0 = 0; n0 < seen; n0 += kBlockKeys) {
+            const int keys = std::min(kBlockKeys, seen - n0);
+            kernels.scores(w.q.data() + m * d, d, 1, w.k_seen.data() + n0, keys, d, s, kBlockKeys);
+            const float alpha = kernels.softmax_row(s, keys, &w.max[m], &w.sum[m]);
+            kernels.accumulate(s, kBlockKeys, 1, w.v_seen.data() + n0, keys, d, &alpha,
+                               w.acc.data() + m * d, d);
+        }
+    }
 }
 
 template <class D>
@@ -174,9 +217,18 @@ void attend(const Job& job, Scratch& w, int64_t kv_head, int64_t row0, int rows)
     std::fill(w.max.begin(), w.max.begin() + rows, -std::numeric_limits<float>::infinity());
     std::fill(w.sum.begin(), w.sum.begin() + rows, 0.0f);
     std::fill(w.acc.begin(), w.acc.begin() + rows * job.head_dim, 0.0f);
-    for (int64_t slot = 0; slot < job.region_start; slot += kBlockKeys) {
-        const int keys = static_cast<int>(std::min<int64_t>(kBlockKeys, job.region_start - slot));
+    const bool dense_tail =
+        job.mask_bits != nullptr && job.num_keys - job.region_start <= kBlockKeys;
+    const int64_t shared_end =
+        dense_tail ? job.region_start - job.region_start % kBlockKeys : job.region_start;
+    for (int64_t slot = 0; slot < shared_end; slot += kBlockKeys) {
+        const int keys = static_cast<int>(std::min<int64_t>(kBlockKeys, shared_end - slot));
         key_block(job, w, kv_head, rows, slot, keys, nullptr);
+    }
+    if (dense_tail) {
+        attend_dense_tail(job, w, kv_head, row0, rows, shared_end);
+        store_rows<D>(job, w, kv_head, row0, rows);
+        return;
     }
     uint64_t visible[kBlockRows];
     for (int64_t slot = job.region_start; slot < job.num_keys; slot += kBlockKeys) {

@@ -124,7 +124,10 @@ msd_status msd_linear_cpu(const void* x, const void* weight, const void* bias, v
  * query rows of its kv head that a task holds; tasks are (kv head, block of <= 64 rows), run on
  * the calling thread and msd_linear_cpu's pool (small problems on the calling thread alone).
  * Each output is computed the same way whichever thread runs it; the arithmetic follows the
- * SIMD path of msd_get_cpu_isa. */
+ * SIMD path of msd_get_cpu_isa. With a mask and region <= 64, a query's output depends only on
+ * the sequence of slots it sees: it is bit for bit the output of a mask-free call (T = 1) whose
+ * slots are those, in order. So a tree node's attention equals that of the same token decoded
+ * alone after its ancestors, and verification agrees exactly with plain decoding. */
 msd_status msd_tree_attention_cpu(const void* q, const void* k_cache, const void* v_cache,
                                   const int32_t* mask_bits, void* out, int64_t num_queries,
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
