@@ -149,6 +149,19 @@ def test_resume_replays_the_uninterrupted_run(target, data, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_with_more_epochs_continues_on_the_stretched_schedule(target, data, tmp_path):
+    """The demo recipe's second stage: the finished run's checkpoint, resumed with more epochs, runs
+    only the new steps, at the lr the longer cosine schedule has there."""
+    kw = dict(batch_size=2, save_every=0, curriculum=None, warmup_steps=2, lr=1e-3)
+    first = _train(target, data[1], tmp_path / "run", epochs=2, **kw)
+    assert first.step == 4 and first.metrics[-1]["lr"] == pytest.approx(1e-3 * lr_factor(3, 2, 4, "cosine"))
+    second = _train(target, data[1], tmp_path / "run", epochs=5, resume=True, **kw)
+    assert second.step == 10 and [m["step"] for m in second.metrics] == [5, 6, 7, 8, 9, 10]
+    for row in second.metrics:
+        assert row["lr"] == pytest.approx(1e-3 * lr_factor(row["step"] - 1, 2, 10, "cosine"))
+    assert second.metrics[0]["lr"] > 0.8e-3  # back up from 0.5e-3, where the first schedule ended
+
+
 def _assert_same(a, b, tol=0.0):
     if isinstance(a, torch.Tensor):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)

@@ -246,6 +246,10 @@ def _start(out_dir: Path, resume: bool, module: DraftModule, optimizer, schedule
             metrics_path.unlink()
         return 0, None
     step = restore(checkpoint, module, optimizer, scheduler)["step"]
+    # The saved optimizer holds the lr its own plan gave the next step; a run resumed with more
+    # epochs (a stretched schedule) must take its lr from this run's schedule instead.
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)
     if draft_vocab is not None and not torch.equal(module.state_dict()["draft_vocab"].cpu(), draft_vocab.cpu()):
         raise ValueError(f"{checkpoint} was trained with another draft vocabulary than the one given")
     if env.is_main():
