@@ -3,13 +3,16 @@
 Systems: transformers `generate` on the same weights (`msd_engine.convert.to_transformers`), the engine's plain
 decoding, the engine with the `eagle` draft, the engine with the `msd` draft. For every held-out
 prompt (with and without images) and every temperature, each system generates the same number of
-tokens at most; decode tokens/s is (new tokens - 1) / (time after the first token), summed over the
-prompts of a group. tau = tokens per target verify forward. Greedy outputs of the speculative
-systems are checked equal to plain decoding's (the method is lossless); transformers' greedy agreement
-with the engine is reported too. Writes JSON and a PNG chart.
+tokens at most. The engine runs in `--dtype`; transformers runs in each of `--hf-dtypes`, and the
+speedup "vs transformers" is over the fastest of those (each system at its best precision). Decode
+tokens/s is (new tokens - 1) / (time after the first token), summed over the prompts of a group.
+tau = tokens per target verify forward. Greedy outputs of the speculative systems are checked equal
+to plain decoding's (the method is lossless); transformers' greedy agreement with the engine is
+reported too. Writes JSON and a PNG chart.
 
     python bench/bench_e2e.py                       # all held-out prompts, greedy + temperature 1
     python bench/bench_e2e.py --limit 8 --temperatures 0
+    python bench/bench_e2e.py --dtype bfloat16 --hf-dtypes float32 bfloat16
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from msd_engine.request import expand_image_tokens, pixel_values_for, prompt_ids
 from msd_engine.spec.tree import TreeParams  # noqa: E402
 
 SYSTEMS = ("transformers", "plain", "eagle", "msd")
+DTYPES = ("float32", "bfloat16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tree", default=None,
                    help="TOP_K,DEPTH,TOTAL (default: the tree measured for the msd draft on this machine, cached)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="the engine's target precision")
+    p.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=DTYPES,
+                   help="transformers' precisions (the speedup is over the fastest)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "e2e_cpu.json")
     return p.parse_args(argv)
 
@@ -66,13 +73,15 @@ def run(args: argparse.Namespace) -> dict:
         k, d, n = (int(x) for x in args.tree.split(","))
         tree = TreeParams(top_k=k, depth=d, total_tokens=n)
     else:  # the tree measured for the msd draft on this machine (as the demo uses), for both drafts
-        tree = ensure_tuned_tree(target, msd_dir)
-    engines = {"msd": Engine.load(target, dtype="float32", max_seq_len=2048, draft=msd_dir, tree=tree,
+        tree = ensure_tuned_tree(target, msd_dir, dtype=args.dtype)
+    engines = {"msd": Engine.load(target, dtype=args.dtype, max_seq_len=2048, draft=msd_dir, tree=tree,
                                   draft_dtype=DRAFT_DTYPE)}
-    engines["eagle"] = Engine.load(target, dtype="float32", max_seq_len=2048, draft=eagle_dir, tree=engines["msd"].tree,
-                                   draft_dtype=DRAFT_DTYPE)
+    engines["eagle"] = Engine.load(target, dtype=args.dtype, max_seq_len=2048, draft=eagle_dir,
+                                   tree=engines["msd"].tree, draft_dtype=DRAFT_DTYPE)
     engines["plain"] = engines["msd"]
-    hf = build_hf_llava(target) if "transformers" in args.systems else None
+    hf = ({f"transformers:{d}": build_hf_llava(target, getattr(torch, d)) for d in args.hf_dtypes}
+          if "transformers" in args.systems else {})
+    systems = [label for s in args.systems for label in (hf if s == "transformers" else [s])]
     images = demo_home() / "images"
     rows = []
     prompts = select_prompts(args.prompts, args.limit)
@@ -80,17 +89,17 @@ def run(args: argparse.Namespace) -> dict:
         for i, p in enumerate(prompts):
             image = export_photo(p["image"], images) if p.get("image") else None
             outputs = {}
-            for system in args.systems:
+            for system in systems:
                 seed = args.seed + i
                 row = {"prompt": i, "image": p.get("image"), "temperature": temperature, "system": system}
-                if system == "transformers":
+                if system in hf:
                     eng = engines["msd"]
                     cfg = eng.config
                     ids = prompt_ids(cfg, eng.tokenizer, p["prompt"], 1 if image else 0)
                     pixels = pixel_values_for(cfg, [image]) if image else None
                     if image:
                         ids = expand_image_tokens(ids, cfg.image_token_id, cfg.vision.num_image_tokens, 1)
-                    tokens, rate = hf_generate(hf[0], hf[1], ids, pixels, args.max_new_tokens, temperature, seed)
+                    tokens, rate = hf_generate(*hf[system], ids, pixels, args.max_new_tokens, temperature, seed)
                     row.update(new_tokens=len(tokens), tokens_per_s=rate)
                 else:
                     result = engines[system].generate(p["prompt"], image=image, max_new_tokens=args.max_new_tokens,
@@ -111,24 +120,27 @@ def run(args: argparse.Namespace) -> dict:
                 for system in ("eagle", "msd"):
                     if system in outputs and outputs[system] != outputs["plain"]:
                         raise AssertionError(f"prompt {i}: {system} greedy output differs from plain decoding")
-                if "transformers" in outputs:
-                    a, b = outputs["transformers"], outputs["plain"]
-                    agree = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                    rows[-len(outputs)]["agrees_with_plain_tokens"] = agree
-            done = sum(1 for r in rows if r["system"] == args.systems[-1])
+                for row in rows[-len(outputs):]:
+                    if row["system"] in hf:
+                        a, b = outputs[row["system"]], outputs["plain"]
+                        row["agrees_with_plain_tokens"] = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y),
+                                                               min(len(a), len(b)))
+            done = sum(1 for r in rows if r["system"] == systems[-1])
             print(f"T={temperature:g} prompt {i + 1}/{len(prompts)}: "
-                  + ", ".join(f"{r['system']} {r['tokens_per_s']:.1f}" for r in rows[-len(args.systems):])
+                  + ", ".join(f"{r['system']} {r['tokens_per_s']:.1f}" for r in rows[-len(systems):])
                   + f"  ({done} done)", flush=True)
-    return {"rows": rows, "summary": summarise(rows, args.systems),
+    return {"rows": rows, "summary": summarise(rows, systems),
             "config": {"max_new_tokens": args.max_new_tokens, "temperatures": args.temperatures,
-                       "prompts": len(prompts), "tree": dataclasses.asdict(engines["msd"].tree), "dtype": "float32",
+                       "prompts": len(prompts), "tree": dataclasses.asdict(engines["msd"].tree), "dtype": args.dtype,
+                       "hf_dtypes": args.hf_dtypes,
                        "draft_dtype": DRAFT_DTYPE, "backend": engines["msd"].backend},
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "threads": torch.get_num_threads(), "torch": torch.__version__}}
 
 
 def summarise(rows: list[dict], systems) -> dict:
-    """Per temperature and group: tok/s of each system (time-weighted), tau, speedups."""
+    """Per temperature and group: tok/s of each system (time-weighted), tau, speedups. Systems named
+    "transformers:DTYPE" are also summed up as "transformers", the fastest of them in that group."""
     out: dict = {}
     for temperature in sorted({r["temperature"] for r in rows}):
         for group in ("with_image", "text_only", "all"):
@@ -146,9 +158,13 @@ def summarise(rows: list[dict], systems) -> dict:
                     fw = sum(r["verify_forwards"] for r in rs)
                     e["tau"] = sum(r["accepted_tokens"] for r in rs) / fw if fw else 0.0
                 entry[system] = e
+            hf = [s for s in systems if s.startswith("transformers")]
+            if hf:
+                best = max(hf, key=lambda s: entry[s]["tokens_per_s"])
+                entry["transformers"] = {**entry[best], "best_of": best}
             for system in systems:
                 for base in ("plain", "transformers"):
-                    if base in entry and entry[base]["tokens_per_s"] and system != base:
+                    if base in entry and entry[base]["tokens_per_s"] and not system.startswith(base):
                         entry[system][f"speedup_vs_{base}"] = entry[system]["tokens_per_s"] / entry[base]["tokens_per_s"]
             out[f"T={temperature:g}/{group}"] = entry
     return out
@@ -160,7 +176,7 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     groups = [k for k in result["summary"] if not k.endswith("/all")]
-    systems = [s for s in SYSTEMS if any(s in result["summary"][g] for g in groups)]
+    systems = list(dict.fromkeys(s for g in groups for s in result["summary"][g] if s != "transformers"))
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(systems)
     for j, system in enumerate(systems):
@@ -173,7 +189,7 @@ def plot(result: dict, path: Path) -> Path:
                             ha="center", va="bottom", fontsize=7)
     ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(groups))], groups)
     ax.set_ylabel("decode tokens/s")
-    ax.set_title("demo pair (SmolLM2-135M + seeded CLIP), held-out prompts, CPU float32")
+    ax.set_title(f"demo pair (SmolLM2-135M + seeded CLIP), held-out prompts, CPU, engine {result['config']['dtype']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -100,12 +100,22 @@ def test_demo_measures_its_tree_once_and_the_engine_then_uses_it(demo_target, mo
     monkeypatch.setattr(tuning, "TUNE_MAX_NEW_TOKENS", 6)
     tune.cache_file().unlink(missing_ok=True)
     target, draft = assets.prepare("msd", progress=False)
-    best = tuning.ensure_tuned_tree(target, draft, progress=False)
-    assert best in trees
+    measured = []
+    real_tune_tree = tune.tune_tree
+
+    def counted_tune_tree(engine, *args, **kwargs):
+        measured.append(engine.model.text.embed_tokens.dtype)
+        return real_tune_tree(engine, *args, **kwargs)
+
+    monkeypatch.setattr(tune, "tune_tree", counted_tune_tree)
+    best = {dtype: tuning.ensure_tuned_tree(target, draft, dtype=dtype, progress=False)
+            for dtype in ("float32", "bfloat16")}  # each target precision is measured on its own
+    assert measured == [torch.float32, torch.bfloat16] and set(best.values()) <= set(trees)
     monkeypatch.setattr(tune, "tune_tree", lambda *a, **k: pytest.fail("measured again"))
-    assert tuning.ensure_tuned_tree(target, draft, progress=False) == best
-    engine = Engine.load(target, dtype="float32", max_seq_len=64, draft=draft, draft_dtype=assets.DRAFT_DTYPE)
-    assert engine.tree == best
+    for dtype, tree in best.items():
+        assert tuning.ensure_tuned_tree(target, draft, dtype=dtype, progress=False) == tree
+        engine = Engine.load(target, dtype=dtype, max_seq_len=64, draft=draft, draft_dtype=assets.DRAFT_DTYPE)
+        assert engine.tree == tree
     prompts = tuning.tuning_prompts()
     assert sum(image is not None for _, image in prompts) == len(prompts) // 2
     assert not {text for text, _ in prompts} & {p["prompt"] for p in assets.load_prompts(assets.HELDOUT_PROMPTS)}

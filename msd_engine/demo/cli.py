@@ -25,6 +25,8 @@ def add_demo_parsers(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the target's precision (the draft runs in bfloat16 either way)")
     p.add_argument("--no-compare", action="store_true", help="skip the plain-decoding run for the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
 
@@ -33,6 +35,7 @@ def add_demo_parsers(sub) -> None:
     p.add_argument("--modes", nargs="+", default=["msd", "eagle"], choices=["msd", "eagle"])
     p.add_argument("--no-ship", action="store_true", help="do not overwrite the drafts in the package")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--extra-epochs", type=int, default=None, help="epochs of the resumed second stage (0: none)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length of the target's answers")
 
 
@@ -49,6 +52,8 @@ def run_recipe_command(args: argparse.Namespace) -> int:
     recipe = Recipe()
     if args.epochs is not None:
         recipe = replace(recipe, epochs=args.epochs)
+    if args.extra_epochs is not None:
+        recipe = replace(recipe, extra_epochs=args.extra_epochs)
     if args.max_new_tokens is not None:
         recipe = replace(recipe, max_new_tokens=args.max_new_tokens)
     run_recipe(args.work, recipe, args.modes, None if args.no_ship else SHIPPED_DRAFTS)
@@ -66,14 +71,14 @@ def run_demo(args: argparse.Namespace) -> int:
     if not quiet:
         print(ABOUT + "\n", flush=True)
     target, draft = prepare(args.draft, progress=not quiet)
-    ensure_tuned_tree(target, draft, progress=not quiet)  # else a CPU would verify the GPU's 60-node tree
+    ensure_tuned_tree(target, draft, dtype=args.dtype, progress=not quiet)  # else a CPU would verify the GPU's 60-node tree
     if args.image is None:
         image = export_photo(SAMPLE["image"], demo_home() / "images")
     elif args.image.lower() == "none":
         image = None
     else:
         image = Path(args.image)
-    engine = Engine.load(target, dtype="float32", max_seq_len=2048, draft=draft, draft_dtype=DRAFT_DTYPE)
+    engine = Engine.load(target, dtype=args.dtype, max_seq_len=2048, draft=draft, draft_dtype=DRAFT_DTYPE)
     kwargs = dict(image=image, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     if quiet:
         spec = engine.generate(args.prompt, speculative=True, **kwargs)

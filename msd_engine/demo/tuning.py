@@ -30,16 +30,18 @@ def tuning_prompts(count: int = TUNE_PROMPTS) -> list[tuple[str, Optional[Path]]
     return [(p["prompt"], export_photo(p["image"], folder) if p.get("image") else None) for p in images + texts]
 
 
-def ensure_tuned_tree(target: Path, draft: Path, device: str = "cpu", progress: bool = True) -> TreeParams:
-    """The cached tree for (device, target, draft in DRAFT_DTYPE), measured now if there is none."""
+def ensure_tuned_tree(target: Path, draft: Path, device: str = "cpu", dtype: str = "float32",
+                      progress: bool = True) -> TreeParams:
+    """The cached tree for (device, target in `dtype`, draft in DRAFT_DTYPE), measured now if there is none."""
     from msd_engine.config import ModelConfig
     from msd_engine.engine import Engine
     from msd_engine.spec.tune import draft_key, load_tuned, save_tuned, scratch_tree, trees_for, tune_tree
     from msd_engine.weights import CONFIG_FILE
 
     dev = torch.device(device)
-    key = draft_key(Path(draft), getattr(torch, DRAFT_DTYPE), torch.float32)
-    tuned = load_tuned(dev, ModelConfig.load(Path(target) / CONFIG_FILE), torch.float32, key)
+    target_dtype = getattr(torch, dtype)
+    key = draft_key(Path(draft), getattr(torch, DRAFT_DTYPE), target_dtype)
+    tuned = load_tuned(dev, ModelConfig.load(Path(target) / CONFIG_FILE), target_dtype, key)
     if tuned is not None:
         return tuned
     trees = trees_for(dev)
@@ -47,10 +49,10 @@ def ensure_tuned_tree(target: Path, draft: Path, device: str = "cpu", progress: 
         print(f"measuring the draft tree for this machine ({len(trees)} shapes x {TUNE_PROMPTS} prompts, once) ...",
               flush=True)
     started = time.perf_counter()
-    engine = Engine.load(target, device=device, dtype="float32", max_seq_len=2048, draft=draft,
+    engine = Engine.load(target, device=device, dtype=dtype, max_seq_len=2048, draft=draft,
                          tree=scratch_tree(trees), draft_dtype=DRAFT_DTYPE)
     best, rates = tune_tree(engine, tuning_prompts(), trees, TUNE_MAX_NEW_TOKENS)
-    path = save_tuned(dev, engine.config, torch.float32, best, rates, draft=key)
+    path = save_tuned(dev, engine.config, target_dtype, best, rates, draft=key)
     if progress:
         print(f"tree top_k={best.top_k} depth={best.depth} total_tokens={best.total_tokens} "
               f"({rates[best]:.1f} tok/s; {time.perf_counter() - started:.0f} s; cached in {path})", flush=True)
