@@ -145,11 +145,11 @@ def test_missing_shipped_draft_is_a_clear_error(demo_target, tmp_path):
 
 
 @pytest.mark.skipif(not (assets.SHIPPED_DRAFTS / "msd" / assets.HEAD_FILE).is_file(), reason="no shipped drafts")
-@pytest.mark.parametrize("draft", ["msd", "eagle"])
-def test_demo_command_speculates_losslessly_with_the_shipped_draft(demo_target, draft, capsys):
+@pytest.mark.parametrize("draft, dtype", [("msd", "float32"), ("eagle", "float32"), ("msd", "bfloat16")])
+def test_demo_command_speculates_losslessly_with_the_shipped_draft(demo_target, draft, dtype, capsys):
     from msd_engine.cli import main
 
-    assert main(["demo", "--draft", draft, "--max-new-tokens", "24", "--json"]) == 0
+    assert main(["demo", "--draft", draft, "--max-new-tokens", "24", "--json", "--dtype", dtype]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["same_text"] is True
     assert report["spec"]["new_tokens"] == report["plain"]["new_tokens"] > 0
