@@ -70,7 +70,9 @@ def test_half_precision_target_verifies_exactly_what_plain_decoding_computes(tin
     """In 16-bit precision each op's rounding would turn any difference between a tree node's
     arithmetic and plain decoding's into other tokens at near-ties; the CPU kernels compute a node
     exactly as plain decoding computes its token (see msd_tree_attention_cpu). Oracle drafts: deep
-    acceptance, wrong siblings beside every chain node."""
+    acceptance, wrong siblings beside every chain node. This tiny random model has no near-ties that
+    the old kernel flipped (it passed there too): the kernel test in test_native_tree_attention.py
+    and the bfloat16 demo test in test_demo.py are the ones that fail without the fix."""
     target = no_eos(Engine.load(tiny_llava_dir, dtype=dtype, max_seq_len=192))
     assert target.backend == "cpu" and target.model.text.lm_head.dtype == getattr(torch, dtype)
     for seed in range(4):
