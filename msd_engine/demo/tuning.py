@@ -34,14 +34,15 @@ def ensure_tuned_tree(target: Path, draft: Path, device: str = "cpu", dtype: str
                       progress: bool = True) -> TreeParams:
     """The cached tree for (device, target in `dtype`, draft in DRAFT_DTYPE), measured now if there is none."""
     from msd_engine.config import ModelConfig
-    from msd_engine.engine import Engine
+    from msd_engine.engine import Engine, resolve_dtype
     from msd_engine.spec.tune import draft_key, load_tuned, save_tuned, scratch_tree, trees_for, tune_tree
     from msd_engine.weights import CONFIG_FILE
 
     dev = torch.device(device)
-    target_dtype = getattr(torch, dtype)
-    key = draft_key(Path(draft), getattr(torch, DRAFT_DTYPE), target_dtype)
-    tuned = load_tuned(dev, ModelConfig.load(Path(target) / CONFIG_FILE), target_dtype, key)
+    config = ModelConfig.load(Path(target) / CONFIG_FILE)
+    target_dtype = resolve_dtype(dtype, config)
+    key = draft_key(Path(draft), resolve_dtype(DRAFT_DTYPE, config), target_dtype)
+    tuned = load_tuned(dev, config, target_dtype, key)
     if tuned is not None:
         return tuned
     trees = trees_for(dev)
