@@ -83,6 +83,8 @@ PYBIND11_MODULE(_C, m) {
     m.attr("CPU_ISA_SCALAR") = static_cast<int>(MSD_CPU_ISA_SCALAR);
     m.attr("CPU_ISA_AVX2") = static_cast<int>(MSD_CPU_ISA_AVX2);
     m.attr("CPU_ISA_AVX512") = static_cast<int>(MSD_CPU_ISA_AVX512);
+    m.attr("CPU_ISA_AVX512_BF16") = static_cast<int>(MSD_CPU_ISA_AVX512_BF16);
+    m.attr("CPU_ISA_AMX") = static_cast<int>(MSD_CPU_ISA_AMX);
     const auto nogil = py::call_guard<py::gil_scoped_release>();
 
     m.def("cuda_compiled", [] { return msd_cuda_compiled() != 0; });

@@ -68,7 +68,7 @@ def _cuda_device_count() -> int:
 # Built once: the wrappers run per layer per token, and `linear` ~120 times per token.
 _DTYPE_CODES = {} if _C is None else {
     torch.float32: _C.FLOAT32, torch.float16: _C.FLOAT16, torch.bfloat16: _C.BFLOAT16}
-_CPU_ISAS = ("scalar", "avx2", "avx512")  # indexed by msd_cpu_isa
+CPU_ISAS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")  # indexed by msd_cpu_isa
 
 
 def _dtype_code(t: torch.Tensor, name: str) -> int:
@@ -293,17 +293,19 @@ def set_cpu_spin_us(microseconds: int) -> None:
 
 
 def cpu_isa() -> str:
-    """The SIMD path of the CPU kernels with several: "avx512", "avx2" or "scalar"."""
-    return _CPU_ISAS[_lib().cpu_isa()]
+    """The SIMD path of the CPU kernels with several: "amx" (AVX-512, with bfloat16 linear
+    layers on AMX tiles), "avx512_bf16" (AVX-512 with bfloat16 pair dot products for them),
+    "avx512", "avx2" or "scalar"."""
+    return CPU_ISAS[_lib().cpu_isa()]
 
 
 def set_cpu_isa(isa: Optional[str]) -> None:
-    """Testing hook: forces the CPU kernels' SIMD path ("scalar", "avx2", "avx512"), or the
+    """Testing hook: forces the CPU kernels' SIMD path (one of `CPU_ISAS`), or the
     best this CPU supports for None. ValueError if this CPU or build cannot run `isa`.
     Process-wide: not for use while kernels run on other threads."""
-    if isa is not None and isa not in _CPU_ISAS:
-        raise ValueError(f"isa must be one of {_CPU_ISAS} or None, got {isa!r}")
-    _lib().set_cpu_isa(-1 if isa is None else _CPU_ISAS.index(isa))
+    if isa is not None and isa not in CPU_ISAS:
+        raise ValueError(f"isa must be one of {CPU_ISAS} or None, got {isa!r}")
+    _lib().set_cpu_isa(-1 if isa is None else CPU_ISAS.index(isa))
 
 
 # ---- attention and the cache ---------------------------------------------------------------------

@@ -178,7 +178,7 @@ def cpu_isa():
     native.set_cpu_isa(None)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", native.CPU_ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_simd_path(cpu_isa, isa, dtype):
     cpu_isa(isa)

@@ -87,7 +87,13 @@ def test_linear_matches_float64(dtype, m, n, k):
         assert_linear_close(out, x, weight, b)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_isa_names_follow_the_c_enum():
+    from msd_engine import _C
+    assert [getattr(_C, f"CPU_ISA_{name.upper()}") for name in native.CPU_ISAS] == list(range(len(native.CPU_ISAS)))
+    assert native.cpu_isa() in native.CPU_ISAS
+
+
+@pytest.mark.parametrize("isa", native.CPU_ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_simd_path(cpu_isa, isa, dtype):
     cpu_isa(isa)
@@ -97,6 +103,20 @@ def test_every_simd_path(cpu_isa, isa, dtype):
         for b in (None, bias):
             out = native.linear(x, weight, b, out=torch.full((m, n), float("nan"), dtype=dtype))
             assert_linear_close(out, x, weight, b)
+
+
+@pytest.mark.parametrize("isa", native.CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_row_alone_gives_the_same_bits(cpu_isa, isa, dtype):
+    """Speculative decoding is exact only if a row verified among others (m = 5 for a tree,
+    m > 16 for a long one) gives bit for bit what it gives decoded alone (m = 1)."""
+    cpu_isa(isa)
+    for m, n, k in [(5, 577, 576), (6, 64, 1537), (17, 96, 31), (40, 33, 576), (3, 1536, 1)]:
+        x, weight, bias = operands(m, n, k, dtype, x_pad=3, seed=m * n + k)
+        together = native.linear(x, weight, bias)
+        for i in range(m):
+            assert torch.equal(native.linear(x[i:i + 1], weight, bias), together[i:i + 1]), (m, n, k, i)
+        assert torch.equal(native.linear(x[2:], weight, bias), together[2:]), (m, n, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -112,7 +112,7 @@ def test_cpu_matches_float64(t, prefix, shape, dtype):
     check_attention(q, k, v, prefix, mask)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", native.CPU_ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_simd_path(isa, dtype):
     try:
@@ -129,7 +129,7 @@ def test_every_simd_path(isa, dtype):
         native.set_cpu_isa(None)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", native.CPU_ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_tree_rows_equal_decoding_each_token_alone_bit_for_bit(isa, dtype):
     """A decode-sized masked step (region <= 64: a verified tree, a draft level): each row's output

@@ -1,18 +1,17 @@
 // msd_draft_inputs_cpu: the draft head's fused input (semantics in msd_engine.h).
 //
-// The rows that go through fc (all but the bypassed image rows) are gathered into one float32
-// buffer [m, 2H], each row's embedding (or image row) then its feature, widened on the way:
-// the same float32 x that msd_linear_cpu builds when it widens 16-bit inputs, so from there the
-// linear kernel (SIMD path, thread pool) streams each fc_weight row once for all m rows and adds
-// the bias before the one rounding. Outputs go straight to `out` when every row is an fc row;
-// otherwise to a scratch [m, H] that is then scattered to the fc rows of `out`. Bypassed rows
-// are byte copies of their source row.
+// The rows that go through fc (all but the bypassed image rows) are gathered into one buffer
+// [m, 2H] in dtype, each row's embedding (or image row) then its feature, and handed to
+// msd_linear_cpu as x: the linear kernel (SIMD path, widening, thread pool) streams each
+// fc_weight row once for all m rows and adds the bias before the one rounding. Outputs go
+// straight to `out` when every row is an fc row; otherwise to a scratch [m, H] that is then
+// scattered to the fc rows of `out`. Bypassed rows are byte copies of their source row.
 #include <cstring>
 #include <new>
 #include <stdexcept>
 #include <vector>
 
-#include "cpu/linear.h"
+#include "internal.h"
 
 namespace msd::cpu {
 namespace {
@@ -30,17 +29,6 @@ const unsigned char* source_row(const DraftInputs& a, int64_t t) {
     }
     const int64_t token = image ? 0 : a.token_ids[t];
     return static_cast<const unsigned char*>(a.embed) + token * a.embed_row_stride * bytes;
-}
-
-// Widens `count` elements of dtype at `src` into dst.
-void widen(const LinearKernels& kernels, msd_dtype dtype, const void* src, int64_t count,
-           float* dst) {
-    if (dtype == MSD_FLOAT32) {
-        std::memcpy(dst, src, static_cast<size_t>(count) * sizeof(float));
-        return;
-    }
-    const WidenFn fn = dtype == MSD_FLOAT16 ? kernels.widen_half : kernels.widen_bfloat16;
-    fn(src, count, 1, count, dst);
 }
 
 // Grows `buffer` to at least `count` elements; false (error set) when that cannot be had.
@@ -68,7 +56,7 @@ msd_status draft_inputs(const DraftInputs& a, int num_threads) {
 
     // Grown to the largest call seen on this thread, like msd_linear_cpu's widening buffer.
     thread_local std::vector<int64_t> fc_rows;
-    thread_local std::vector<float> x;
+    thread_local std::vector<unsigned char> x;
     thread_local std::vector<unsigned char> scratch;
     if (!reserve(fc_rows, a.rows, "the fc row list")) return MSD_ERR_OUT_OF_MEMORY;
     int64_t m = 0;
@@ -82,24 +70,25 @@ msd_status draft_inputs(const DraftInputs& a, int num_threads) {
     }
     if (m == 0) return MSD_OK;
 
-    if (!reserve(x, m * width, "the gathered fc inputs")) return MSD_ERR_OUT_OF_MEMORY;
-    const LinearKernels& kernels = active_linear_kernels();
+    if (!reserve(x, m * 2 * row_bytes, "the gathered fc inputs")) return MSD_ERR_OUT_OF_MEMORY;
     const auto* features = static_cast<const unsigned char*>(a.features);
     for (int64_t i = 0; i < m; ++i) {
         const int64_t t = fc_rows[i];
-        widen(kernels, a.dtype, source_row(a, t), hidden, x.data() + i * width);
-        widen(kernels, a.dtype, features + t * a.features_row_stride * bytes, hidden,
-              x.data() + i * width + hidden);
+        unsigned char* row = x.data() + i * 2 * row_bytes;
+        std::memcpy(row, source_row(a, t), static_cast<size_t>(row_bytes));
+        std::memcpy(row + row_bytes, features + t * a.features_row_stride * bytes,
+                    static_cast<size_t>(row_bytes));
     }
 
     const bool direct = m == a.rows;  // fc row i is out row i
     if (!direct && !reserve(scratch, m * row_bytes, "the fc outputs")) {
         return MSD_ERR_OUT_OF_MEMORY;
     }
-    LinearArgs args{x.data(), width, a.fc_weight, a.fc_weight_row_stride, a.fc_bias,
-                    direct ? a.out : static_cast<void*>(scratch.data()),
-                    direct ? a.out_row_stride : hidden, m, width};
-    run_linear(args, hidden, a.dtype, num_threads);
+    const msd_status status =
+        linear(x.data(), a.fc_weight, a.fc_bias, direct ? a.out : static_cast<void*>(scratch.data()),
+               m, hidden, width, width, a.fc_weight_row_stride, direct ? a.out_row_stride : hidden,
+               a.dtype, num_threads);
+    if (status != MSD_OK) return status;
     if (!direct) {
         for (int64_t i = 0; i < m; ++i) {
             std::memcpy(out + fc_rows[i] * a.out_row_stride * bytes, scratch.data() + i * row_bytes,

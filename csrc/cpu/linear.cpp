@@ -1,7 +1,7 @@
 // msd_linear_cpu: picks the SIMD path, widens 16-bit x rows once, and cuts the output columns
 // (= weight rows) into contiguous chunks for the thread pool. Every output is computed by the
 // same instructions whichever thread runs its chunk, so results do not depend on the threads.
-// The kernels are in linear_{scalar,avx2,avx512}.cpp; semantics in msd_engine.h.
+// The kernels are in linear_{scalar,avx2,avx512,avx512_bf16,amx}.cpp; semantics in msd_engine.h.
 #include <algorithm>
 #include <atomic>
 #include <new>
@@ -40,13 +40,17 @@ bool cpu_has(int isa) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                       __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                        linear_kernels_avx512() != nullptr;
     switch (isa) {
         case MSD_CPU_ISA_SCALAR: return true;
         case MSD_CPU_ISA_AVX2: return avx2 && linear_kernels_avx2() != nullptr;
-        case MSD_CPU_ISA_AVX512:
-            return avx2 && __builtin_cpu_supports("avx512f") &&
-                   __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                   linear_kernels_avx512() != nullptr;
+        case MSD_CPU_ISA_AVX512: return avx512;
+        case MSD_CPU_ISA_AVX512_BF16:
+            return avx512 && __builtin_cpu_supports("avx512bf16") &&
+                   linear_kernels_avx512_bf16() != nullptr;
+        case MSD_CPU_ISA_AMX: return avx512 && linear_kernels_amx() != nullptr;
     }
     return false;
 #else
@@ -55,9 +59,13 @@ bool cpu_has(int isa) {
 }
 
 msd_cpu_isa best_isa() {
-    static const msd_cpu_isa best = cpu_has(MSD_CPU_ISA_AVX512) ? MSD_CPU_ISA_AVX512
-                                    : cpu_has(MSD_CPU_ISA_AVX2) ? MSD_CPU_ISA_AVX2
-                                                                : MSD_CPU_ISA_SCALAR;
+    static const msd_cpu_isa best = [] {
+        for (const msd_cpu_isa isa : {MSD_CPU_ISA_AMX, MSD_CPU_ISA_AVX512_BF16, MSD_CPU_ISA_AVX512,
+                                      MSD_CPU_ISA_AVX2}) {
+            if (cpu_has(isa)) return isa;
+        }
+        return MSD_CPU_ISA_SCALAR;
+    }();
     return best;
 }
 
@@ -65,6 +73,8 @@ std::atomic<int> g_forced_isa{-1};  // msd_set_cpu_isa's choice, -1 = best_isa()
 
 const LinearKernels& kernels_for(msd_cpu_isa isa) {
     switch (isa) {
+        case MSD_CPU_ISA_AMX: return *linear_kernels_amx();
+        case MSD_CPU_ISA_AVX512_BF16: return *linear_kernels_avx512_bf16();
         case MSD_CPU_ISA_AVX512: return *linear_kernels_avx512();
         case MSD_CPU_ISA_AVX2: return *linear_kernels_avx2();
         case MSD_CPU_ISA_SCALAR: break;
@@ -111,7 +121,7 @@ msd_status set_isa(int isa) {
         g_forced_isa.store(-1, std::memory_order_relaxed);
         return MSD_OK;
     }
-    if (isa != MSD_CPU_ISA_SCALAR && isa != MSD_CPU_ISA_AVX2 && isa != MSD_CPU_ISA_AVX512) {
+    if (isa < MSD_CPU_ISA_SCALAR || isa > MSD_CPU_ISA_AMX) {
         return set_error(MSD_ERR_INVALID_ARGUMENT, "isa %d is not -1 or an msd_cpu_isa", isa);
     }
     if (!cpu_has(isa)) {
@@ -138,8 +148,27 @@ msd_status linear(const void* x, const void* weight, const void* bias, void* out
                   int64_t out_row_stride, msd_dtype dtype, int num_threads) {
     const LinearKernels& kernels = active_linear_kernels();
     LinearArgs args{static_cast<const float*>(x), x_row_stride, weight, weight_row_stride,
-                    bias, out, out_row_stride, m, k};
-    if (dtype != MSD_FLOAT32) {
+                    bias, out, out_row_stride, m, k, x, x_row_stride};
+    const bool widens = dtype == MSD_FLOAT16 ||
+                        (dtype == MSD_BFLOAT16 && !kernels.bfloat16_reads_x16);
+    if (dtype != MSD_FLOAT32) args.x = nullptr;
+    if (dtype == MSD_BFLOAT16 && kernels.pack_bfloat16_x != nullptr) {
+        // Packed once here for every chunk, like the widening below.
+        thread_local std::vector<uint16_t> packed;
+        const int64_t size = kernels.pack_bfloat16_x(x, x_row_stride, m, k, nullptr);
+        try {
+            if (static_cast<int64_t>(packed.size()) < size) packed.resize(size);
+        } catch (const std::bad_alloc&) {
+            return set_error(MSD_ERR_OUT_OF_MEMORY, "cannot allocate %lld values to pack x",
+                             static_cast<long long>(size));
+        } catch (const std::length_error&) {
+            return set_error(MSD_ERR_OUT_OF_MEMORY, "cannot allocate %lld values to pack x",
+                             static_cast<long long>(size));
+        }
+        kernels.pack_bfloat16_x(x, x_row_stride, m, k, packed.data());
+        args.x16 = packed.data();
+    }
+    if (widens) {
         // Read by every chunk, so widened here once; grows to the largest [m, k] seen.
         thread_local std::vector<float> widened;
         try {

@@ -8,8 +8,10 @@
 
 namespace msd::cpu {
 
-// One call's operands. `x` is always float32 here: float16 / bfloat16 rows are widened once
-// per call (by the ISA's `widen`) before any weight is read; float32 rows are used in place.
+// One call's operands. `x` is float32: float16 / bfloat16 rows are widened once per call (by
+// the ISA's `widen`) before any weight is read; float32 rows are used in place. A kernel table
+// with `bfloat16_reads_x16` instead reads bfloat16 rows as they are, from `x16` (then `x` is
+// unset).
 struct LinearArgs {
     const float* x;
     int64_t x_row_stride;
@@ -20,6 +22,8 @@ struct LinearArgs {
     int64_t out_row_stride;
     int64_t m;
     int64_t k;
+    const void* x16 = nullptr;  // the caller's 16-bit x rows [m, k], as given
+    int64_t x16_row_stride = 0;
 };
 
 // Computes output columns [row_begin, row_end) (= weight rows) for all m rows of x.
@@ -29,21 +33,32 @@ using LinearRowsFn = void (*)(const LinearArgs& args, int64_t row_begin, int64_t
 using WidenFn = void (*)(const void* src, int64_t src_row_stride, int64_t rows, int64_t k,
                          float* dst);
 
-// One SIMD path: a rows kernel per dtype (indexed by msd_dtype) and the x wideners.
+// Packs `m` bfloat16 rows of `k` values (row stride `src_row_stride`) into `dst`, in the layout
+// a table's rows[MSD_BFLOAT16] reads from LinearArgs::x16; returns the uint16 count it writes,
+// and only that (nothing is written) when dst is nullptr.
+using PackFn = int64_t (*)(const void* src, int64_t src_row_stride, int64_t m, int64_t k,
+                           uint16_t* dst);
+
+// One SIMD path: a rows kernel per dtype (indexed by msd_dtype) and the x wideners (also used
+// by the tree attention for K/V rows).
 struct LinearKernels {
     LinearRowsFn rows[3];
     WidenFn widen_half;
     WidenFn widen_bfloat16;
+    bool bfloat16_reads_x16 = false;  // rows[MSD_BFLOAT16] reads LinearArgs::x16, not x
+    PackFn pack_bfloat16_x = nullptr;  // if set, x16 is x packed by this, not x as given
 };
 
 // The tables, or nullptr for a path this build cannot compile (AVX on non-x86 hosts).
 const LinearKernels* linear_kernels_scalar();
 const LinearKernels* linear_kernels_avx2();
 const LinearKernels* linear_kernels_avx512();
+const LinearKernels* linear_kernels_avx512_bf16();  // AVX-512's, with bfloat16 via vdpbf16ps
+const LinearKernels* linear_kernels_amx();  // AVX-512's, with bfloat16 on AMX tiles
 
 // The kernels of the SIMD path in use (msd_get_cpu_isa).
 const LinearKernels& active_linear_kernels();
-// msd_linear_cpu after its widening (args.x is float32): output columns [0, n) in chunks on the
+// msd_linear_cpu after its widening (args.x is float32, or args.x16 is read): output columns [0, n) in chunks on the
 // calling thread and up to num_threads - 1 pool workers, as msd_linear_cpu documents.
 void run_linear(const LinearArgs& args, int64_t n, msd_dtype dtype, int num_threads);
 

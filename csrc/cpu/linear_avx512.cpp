@@ -183,7 +183,7 @@ MSD_AVX512 void widen(const void* src, int64_t src_row_stride, int64_t rows, int
 }
 
 const LinearKernels kKernels = {
-    {rows<Float32>, rows<Float16>, rows<BFloat16>}, widen<Float16>, widen<BFloat16>};
+    {rows<Float32>, rows<Float16>, rows<BFloat16>}, widen<Float16>, widen<BFloat16>, false};
 
 }  // namespace
 

@@ -41,7 +41,7 @@ void widen(const void* src, int64_t src_row_stride, int64_t rows, int64_t k, flo
 }
 
 const LinearKernels kKernels = {
-    {rows<Float32>, rows<Float16>, rows<BFloat16>}, widen<Float16>, widen<BFloat16>};
+    {rows<Float32>, rows<Float16>, rows<BFloat16>}, widen<Float16>, widen<BFloat16>, false};
 
 }  // namespace
 

@@ -88,16 +88,19 @@ msd_status msd_silu_mul_cuda(const void* gate_up, void* out, int64_t rows, int64
  * for i < m, j < n, c < k. x is [m, k], weight [n, k] (torch's Linear layout), bias [n]
  * contiguous or NULL, out [m, n]. The sum and the bias add are in float32 and rounded to dtype
  * once at the end (for float32 the result differs from torch's only by summation order: 16
- * interleaved partial sums on the AVX-512 path, 8 on the others, then a tree).
+ * interleaved partial sums on the AVX-512 path, 8 on the others, then a tree; bfloat16 on the
+ * AVX512_BF16 and AMX paths sums exact products of pairs in hardware order).
  * Made for m <= 16 (decoding): each weight row is read from memory once for all m rows of x;
  * larger m is correct but slower than a real GEMM.
  * Runs on the calling thread and up to `num_threads - 1` workers of a pool inside the library
  * (<= 0: one thread per hardware thread; problems under ~32k weights run on the calling thread
  * alone), which claim contiguous chunks of output columns as they become free; a worker that
  * has gone to sleep (see msd_set_cpu_spin_us) is woken only for calls reading >= 1 MiB of
- * weights. Each output is computed the same way whichever thread runs it: the result depends
- * on the SIMD path (msd_get_cpu_isa) but not on the threads. Concurrent calls from several
- * threads are serialised. `out` must not overlap x, weight or bias. */
+ * weights. Each output is computed the same way whichever thread runs it and whatever the
+ * other rows of x are: the result depends on the SIMD path (msd_get_cpu_isa) but not on the
+ * threads or on m, so a row verified among others equals the same row decoded alone.
+ * Concurrent calls from several threads are serialised. `out` must not overlap x, weight or
+ * bias. */
 msd_status msd_linear_cpu(const void* x, const void* weight, const void* bias, void* out,
                           int64_t m, int64_t n, int64_t k, int64_t x_row_stride,
                           int64_t weight_row_stride, int64_t out_row_stride, msd_dtype dtype,
@@ -193,9 +196,9 @@ msd_status msd_kv_compact_cuda(void* arena, int64_t num_kv, int64_t num_layers,
  * read. The CPU variant checks the token ids (MSD_ERR_INVALID_ARGUMENT naming the first bad
  * one); the CUDA variant cannot without synchronising, and writes NaN across a row whose token
  * id is out of range instead of reading out of bounds. `out` must not overlap any input.
- * CPU: the fc rows (all but bypassed image rows) are gathered and widened once into a float32
- * buffer and streamed through msd_linear_cpu's kernel and thread pool (`num_threads` as there),
- * so each fc_weight row is read once for all of them; bypassed rows are copied. */
+ * CPU: the fc rows (all but bypassed image rows) are gathered into one [rows, 2H] buffer and
+ * handed to msd_linear_cpu (its SIMD path, thread pool and `num_threads`), so each fc_weight
+ * row is read once for all of them; bypassed rows are copied. */
 msd_status msd_draft_inputs_cpu(const int64_t* token_ids, const uint8_t* is_image,
                                 const void* embed, const void* image_rows, const void* features,
                                 const void* fc_weight, const void* fc_bias, void* out,
@@ -268,10 +271,21 @@ msd_status msd_rope_kv_write_cuda(const void* q, const void* k, const void* v, c
 msd_status msd_set_cpu_spin_us(int microseconds);
 
 /* SIMD code paths of the CPU kernels that have several (msd_linear_cpu, msd_tree_attention_cpu). */
-typedef enum { MSD_CPU_ISA_SCALAR = 0, MSD_CPU_ISA_AVX2 = 1, MSD_CPU_ISA_AVX512 = 2 } msd_cpu_isa;
+typedef enum {
+    MSD_CPU_ISA_SCALAR = 0,
+    MSD_CPU_ISA_AVX2 = 1,
+    MSD_CPU_ISA_AVX512 = 2,
+    MSD_CPU_ISA_AVX512_BF16 = 3,
+    MSD_CPU_ISA_AMX = 4
+} msd_cpu_isa;
 
 /* The path in use: the best one this CPU and build support, unless msd_set_cpu_isa forced
- * another. AVX2 means AVX2 + FMA + F16C; AVX512 means AVX-512 F/BW/VL + FMA + F16C. */
+ * another. AVX2 means AVX2 + FMA + F16C; AVX512 means AVX-512 F/BW/VL + FMA + F16C;
+ * AVX512_BF16 is AVX512 plus AVX512-BF16, which changes only bfloat16 linear layers: they
+ * multiply the bfloat16 values of x and weight in pairs (vdpbf16ps: exact products, float32
+ * sums, subnormal inputs and sums flushed to zero) instead of widening them to float32 first;
+ * AMX is AVX512 plus AMX-TILE and AMX-BF16 (and the Linux permission to use them), which does
+ * the same products of bfloat16 linear layers on the tile multiplier (TDPBF16PS). */
 msd_cpu_isa msd_get_cpu_isa(void);
 
 /* Testing hook: forces `isa` (an msd_cpu_isa) for later calls, or -1 to restore the best one.
