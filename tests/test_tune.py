@@ -37,6 +37,26 @@ def test_tuned_size_is_cached_per_device_and_model_and_used_by_load(tiny_llava_d
     assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, tree=TreeParams(2, 2, 5)).tree.total_tokens == 5
 
 
+def test_cpu_tuning_is_kept_per_simd_path(tiny_llava_dir, monkeypatch, tmp_path):
+    """What a verified row costs depends on the native kernels' SIMD path, so a tree tuned on one
+    path is not read back on another."""
+    from msd_engine import native
+    if not native.is_built():
+        pytest.skip("needs msd_engine._C")
+    monkeypatch.setenv("MSD_ENGINE_CACHE", str(tmp_path))
+    engine = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128)
+    dtype = engine.model.text.embed_tokens.dtype
+    best = native.cpu_isa()
+    assert f":{best}:" in tune.device_key(engine.device)
+    tune.save_tuned(engine.device, engine.config, dtype, 12, {12: 1.0})
+    try:
+        native.set_cpu_isa("scalar")
+        assert tune.load_tuned(engine.device, engine.config, dtype) is None
+    finally:
+        native.set_cpu_isa(None)
+    assert tune.load_tuned(engine.device, engine.config, dtype) == TreeParams(total_tokens=12)
+
+
 def test_damaged_cache_is_ignored(tiny_llava_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("MSD_ENGINE_CACHE", str(tmp_path))
     (tmp_path / "tune.json").write_text("{not json")

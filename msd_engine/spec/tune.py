@@ -38,9 +38,14 @@ def cache_file() -> Path:
 
 
 def device_key(device: torch.device) -> str:
+    """The device as the tuning cache tells them apart. On the CPU this includes the native kernels'
+    SIMD path: it sets what a verified row costs (on AMX a 16-row bfloat16 verify costs little more
+    than one row; widened to float32, about twice), so a tree tuned on one path is not the best on another."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
+    from msd_engine import native
+    isa = f":{native.cpu_isa()}" if native.is_built() else ""
+    return f"cpu:{platform.processor() or platform.machine()}{isa}:{torch.get_num_threads()}threads"
 
 
 def model_key(config: ModelConfig, dtype: torch.dtype) -> str:
