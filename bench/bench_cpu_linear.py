@@ -8,6 +8,10 @@ weights pass through a 32 MB L3 per token. Writes bench/results/cpu_linear.json.
 
     python bench/bench_cpu_linear.py
     python bench/bench_cpu_linear.py --dtypes float32 --ms 1
+    python bench/bench_cpu_linear.py --dtypes bfloat16 --ms 1 5 8 16 --isas avx512 avx512_bf16 amx
+
+With --isas, each shape is also timed (2 threads) on each of those SIMD paths of this CPU, taking
+turns call by call so that all see the same machine, and the ratios to the first are printed.
 """
 from __future__ import annotations
 
@@ -91,6 +95,30 @@ def bench_shape(n: int, k: int, m: int, dtype: torch.dtype) -> dict:
     return results
 
 
+def compare_isas(n: int, k: int, m: int, dtype: torch.dtype, isas: list[str],
+                 rounds: int = 30) -> dict:
+    """Median 2-thread microseconds per call on each SIMD path in `isas`; the paths take turns
+    (one call each per round) so that a noisy neighbour slows them all alike."""
+    nbytes = n * k * dtype.itemsize
+    copies = -(-WORKING_SET_BYTES // nbytes)
+    weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
+    x = torch.randn(m, k).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    times = {isa: [] for isa in isas}
+    try:
+        wake_worker()
+        for i in range(rounds + 3):
+            for isa in isas:
+                native.set_cpu_isa(isa)
+                started = time.perf_counter()
+                native.linear(x, weights[i % copies], out=out, num_threads=2)
+                if i >= 3:
+                    times[isa].append(time.perf_counter() - started)
+    finally:
+        native.set_cpu_isa(None)
+    return {isa: statistics.median(t) * 1e6 for isa, t in times.items()}
+
+
 def wake_worker() -> None:
     """One call large enough to wake a sleeping pool worker: a call under 1 MiB leaves it asleep
     (waking costs more than such a call), so after the torch runs the 2-thread runs of small
@@ -130,6 +158,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--ms", nargs="+", type=int, default=[1, 4, 8, 16])
+    parser.add_argument("--isas", nargs="+", default=[], choices=list(native.CPU_ISAS),
+                        help="also compare these SIMD paths side by side (ratios to the first)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu_linear.json")
     args = parser.parse_args()
 
@@ -152,6 +182,25 @@ def main() -> None:
                       f"{r['msd_1t']['median_us']:10.1f} {r['msd_1t']['GBps']:5.1f} |"
                       f"{r['msd_2t']['median_us']:10.1f} {r['msd_2t']['GBps']:5.1f} "
                       f"{100 * r['msd_2t']['GBps'] / bandwidth['read_GBps']:5.0f}%", flush=True)
+    comparison = []
+    if args.isas:
+        for isa in args.isas:
+            try:
+                native.set_cpu_isa(isa)
+            except ValueError as exc:
+                parser.error(str(exc))
+            finally:
+                native.set_cpu_isa(None)
+        print(f"2 threads, us per call by SIMD path (ratio: {args.isas[0]} time / this path's)")
+        for dtype_name in args.dtypes:
+            for shape, (n, k) in SHAPES.items():
+                for m in args.ms:
+                    us = compare_isas(n, k, m, DTYPES[dtype_name], args.isas)
+                    comparison.append({"dtype": dtype_name, "shape": shape, "n": n, "k": k, "m": m,
+                                       "median_us": us})
+                    print(f"{dtype_name:>8} {shape:>8} {m:>3} | " + " | ".join(
+                        f"{isa} {us[isa]:8.1f} ({us[args.isas[0]] / us[isa]:.2f}x)"
+                        for isa in args.isas), flush=True)
     overhead = python_overhead()
     print("per-call time, tiny problem (us): " +
           ", ".join(f"{name} {us:.2f}" for name, us in overhead.items()))
@@ -168,7 +217,7 @@ def main() -> None:
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                     "msd_cpu_isa": native.cpu_isa()},
         "bandwidth": bandwidth, "working_set_bytes": WORKING_SET_BYTES, "other_processes_cpu_s": others_cpu_s,
-        "results": results, "call_overhead_us": overhead}, indent=2) + "\n")
+        "results": results, "isa_comparison": comparison, "call_overhead_us": overhead}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
