@@ -76,6 +76,34 @@ def test_silu_mul(device, rows, inter, dtype):
     assert_error_bounded(out, expected, silu_mul_exact(gate_up))
 
 
+@pytest.mark.parametrize("isa", native.CPU_ISAS if native.is_built() else ())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_every_simd_path(isa, dtype):
+    """The scalar / AVX2 paths (glibc's exp) and the AVX-512 ones (a polynomial exp), odd widths
+    included (masked tails), extremes included."""
+    try:
+        native.set_cpu_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU or build cannot run the {isa} path")
+    try:
+        for rows, inter in [(1, 1), (3, 17), (5, 1536), (2, 31), (4, 64)]:
+            torch.manual_seed(rows * 31 + inter)
+            gate_up = (3 * torch.randn(rows, 2 * inter)).to(dtype)
+            out = native.silu_mul(gate_up)
+            assert max_ulps(out, silu_mul_ref(gate_up)) <= MAX_ULPS[dtype]
+            assert_error_bounded(out, silu_mul_ref(gate_up), silu_mul_exact(gate_up))
+        gate = torch.tensor([-1e4, -100.0, -88.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 88.0, 100.0, 1e4,
+                             float("inf"), float("-inf"), float("nan")])
+        gate_up = torch.cat([gate, torch.full_like(gate, 1.5)])[None].to(dtype)
+        out, ref = native.silu_mul(gate_up), silu_mul_ref(gate_up)
+        assert torch.equal(out.isnan(), ref.isnan())
+        assert torch.equal(out[ref.isinf()], ref[ref.isinf()])
+        finite = ref.isfinite()
+        assert max_ulps(out[finite], ref[finite]) <= MAX_ULPS[dtype]
+    finally:
+        native.set_cpu_isa(None)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_silu_mul_extremes(device, dtype):

@@ -1,8 +1,10 @@
 // SwiGLU activation on the CPU: out = silu(gate) * up with the two roundings of
-// `F.silu(gate) * up` evaluated in dtype (see msd_silu_mul_cpu in msd_engine.h).
+// `F.silu(gate) * up` evaluated in dtype (see msd_silu_mul_cpu in msd_engine.h). The AVX-512
+// paths of msd_get_cpu_isa use silu_mul_avx512.cpp; the others the scalar loop here.
 #include <cmath>
 
 #include "cpu/dtype.h"
+#include "cpu/silu_mul.h"
 
 namespace msd::cpu {
 namespace {
@@ -31,6 +33,12 @@ void silu_mul_rows(const void* gate_up, void* out, int64_t rows, int64_t inter,
 
 msd_status silu_mul(const void* gate_up, void* out, int64_t rows, int64_t inter,
                     int64_t gate_up_row_stride, int64_t out_row_stride, msd_dtype dtype) {
+    if (get_isa() >= MSD_CPU_ISA_AVX512) {  // AVX512, AVX512_BF16, AMX: all have AVX-512 F/BW/VL
+        if (const SiluMulFn fn = silu_mul_avx512(dtype)) {
+            fn(gate_up, out, rows, inter, gate_up_row_stride, out_row_stride);
+            return MSD_OK;
+        }
+    }
     return dispatch_dtype(dtype, [&](auto tag) {
         silu_mul_rows<decltype(tag)>(gate_up, out, rows, inter, gate_up_row_stride,
                                      out_row_stride);
