@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msd_engine import Engine  # noqa: E402
+from msd_engine import Engine, native  # noqa: E402
 from msd_engine.convert.gguf_llama import convert_gguf  # noqa: E402
 
 SITE = Path(torch.__file__).resolve().parents[1]
@@ -158,7 +158,8 @@ def main() -> None:
               f"x{r['speedup_vs_transformers']:.2f} | floor {r['floor_tok_s']:.1f} tok/s "
               f"({r['weight_MB_per_token']:.0f} MB/token), engine at {100 * r['engine_fraction_of_floor']:.0f}%")
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__}, "bandwidth": bandwidth, "results": rows,
+                          "torch": torch.__version__,
+                          "msd_cpu_isa": native.cpu_isa() if native.is_built() else None}, "bandwidth": bandwidth, "results": rows,
               "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)", "new_tokens": args.new_tokens}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_reference import hf_generate  # noqa: E402
 
+from msd_engine import native  # noqa: E402
 from msd_engine.convert.to_transformers import build_hf_llava  # noqa: E402
 from msd_engine.demo.assets import (DRAFT_DTYPE, HELDOUT_PROMPTS, demo_home, export_photo, load_prompts,  # noqa: E402
                                     prepare)
@@ -135,7 +136,8 @@ def run(args: argparse.Namespace) -> dict:
                        "hf_dtypes": args.hf_dtypes,
                        "draft_dtype": DRAFT_DTYPE, "backend": engines["msd"].backend},
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "threads": torch.get_num_threads(), "torch": torch.__version__}}
+                        "threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "msd_cpu_isa": native.cpu_isa() if native.is_built() else None}}
 
 
 def summarise(rows: list[dict], systems) -> dict:
