@@ -98,20 +98,24 @@ def bench_shape(n: int, k: int, m: int, dtype: torch.dtype) -> dict:
 def compare_isas(n: int, k: int, m: int, dtype: torch.dtype, isas: list[str],
                  rounds: int = 30) -> dict:
     """Median 2-thread microseconds per call on each SIMD path in `isas`; the paths take turns
-    (one call each per round) so that a noisy neighbour slows them all alike."""
+    (one call each per round) so that a noisy neighbour slows them all alike, each call on a
+    weight copy no recent call has read (so every path streams from DRAM)."""
     nbytes = n * k * dtype.itemsize
-    copies = -(-WORKING_SET_BYTES // nbytes)
+    copies = max(-(-WORKING_SET_BYTES // nbytes), len(isas) + 1)
     weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
     x = torch.randn(m, k).to(dtype)
     out = torch.empty(m, n, dtype=dtype)
     times = {isa: [] for isa in isas}
+    call = 0
     try:
         wake_worker()
         for i in range(rounds + 3):
             for isa in isas:
                 native.set_cpu_isa(isa)
+                weight = weights[call % copies]
+                call += 1
                 started = time.perf_counter()
-                native.linear(x, weights[i % copies], out=out, num_threads=2)
+                native.linear(x, weight, out=out, num_threads=2)
                 if i >= 3:
                     times[isa].append(time.perf_counter() - started)
     finally:
