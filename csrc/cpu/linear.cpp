@@ -1,6 +1,7 @@
-// msd_linear_cpu: picks the SIMD path, widens 16-bit x rows once, and cuts the output columns
-// (= weight rows) into contiguous chunks for the thread pool. Every output is computed by the
-// same instructions whichever thread runs its chunk, so results do not depend on the threads.
+// msd_linear_cpu: picks the SIMD path, widens (or, for the AMX path, packs) 16-bit x rows once,
+// and cuts the output columns (= weight rows) into contiguous chunks for the thread pool. Every
+// output is computed by the same instructions whichever thread runs its chunk, so results do not
+// depend on the threads.
 // The kernels are in linear_{scalar,avx2,avx512,avx512_bf16,amx}.cpp; semantics in msd_engine.h.
 #include <algorithm>
 #include <atomic>
@@ -135,10 +136,13 @@ msd_status set_isa(int isa) {
 
 const LinearKernels& active_linear_kernels() { return kernels_for(get_isa()); }
 
-void run_linear(const LinearArgs& args, int64_t n, msd_dtype dtype, int num_threads) {
+// Output columns [0, n) in chunks on the calling thread and up to num_threads - 1 pool workers,
+// with the kernels of the path `linear` looked up once (args.x widened or x16 packed for them).
+static void run_linear(const LinearKernels& kernels, const LinearArgs& args, int64_t n,
+                       msd_dtype dtype, int num_threads) {
     const int threads = thread_count(n, args.k, num_threads);
     const int64_t row_bytes = args.k * (dtype == MSD_FLOAT32 ? 4 : 2);
-    Job job{args, active_linear_kernels().rows[dtype], n, chunk_columns(n, row_bytes, threads)};
+    Job job{args, kernels.rows[dtype], n, chunk_columns(n, row_bytes, threads)};
     run_chunks(threads, (n + job.chunk_columns - 1) / job.chunk_columns,
                n * row_bytes >= kWakeMinBytes, run_chunk, &job);
 }
@@ -185,7 +189,7 @@ msd_status linear(const void* x, const void* weight, const void* bias, void* out
         args.x = widened.data();
         args.x_row_stride = k;
     }
-    run_linear(args, n, dtype, num_threads);
+    run_linear(kernels, args, n, dtype, num_threads);
     return MSD_OK;
 }
 

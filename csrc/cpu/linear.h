@@ -1,5 +1,6 @@
 // Internal to the CPU linear kernel: what linear.cpp (dispatch, threads) hands to the per-ISA
-// kernels in linear_scalar.cpp, linear_avx2.cpp and linear_avx512.cpp.
+// kernels in linear_{scalar,avx2,avx512,avx512_bf16,amx}.cpp (the tree attention also uses the
+// x wideners).
 #pragma once
 
 #include <cstdint>
@@ -22,7 +23,9 @@ struct LinearArgs {
     int64_t out_row_stride;
     int64_t m;
     int64_t k;
-    const void* x16 = nullptr;  // the caller's 16-bit x rows [m, k], as given
+    // For kernels with bfloat16_reads_x16: the caller's bfloat16 rows [m, k] with their row stride,
+    // or (pack_bfloat16_x set) the packed rows, whose layout the kernel knows (stride unused).
+    const void* x16 = nullptr;
     int64_t x16_row_stride = 0;
 };
 
@@ -58,9 +61,6 @@ const LinearKernels* linear_kernels_amx();  // AVX-512's, with bfloat16 on AMX t
 
 // The kernels of the SIMD path in use (msd_get_cpu_isa).
 const LinearKernels& active_linear_kernels();
-// msd_linear_cpu after its widening (args.x is float32, or args.x16 is read): output columns [0, n) in chunks on the
-// calling thread and up to num_threads - 1 pool workers, as msd_linear_cpu documents.
-void run_linear(const LinearArgs& args, int64_t n, msd_dtype dtype, int num_threads);
 
 // Weight rows per register block: each block's rows are read from memory once and re-read
 // from L1 for every group of x rows.

@@ -77,7 +77,8 @@ msd_status msd_add_rms_norm_cuda(const void* x, void* residual, const void* weig
  *     s   = round_dtype(g / (1 + exp(-g)))    in float32, g = float(gate)
  *     out = round_dtype(float(s) * float(up))
  * `out` must not overlap `gate_up`. CPU: exp is glibc's on the scalar and AVX2 paths of
- * msd_get_cpu_isa and a polynomial (within ~2 float32 ulps) on the AVX-512 ones. */
+ * msd_get_cpu_isa and a polynomial (within ~2 float32 ulps; 0 and inf past float32's range) on
+ * the AVX-512 ones. */
 msd_status msd_silu_mul_cpu(const void* gate_up, void* out, int64_t rows, int64_t inter,
                             int64_t gate_up_row_stride, int64_t out_row_stride, msd_dtype dtype);
 msd_status msd_silu_mul_cuda(const void* gate_up, void* out, int64_t rows, int64_t inter,
