@@ -1,23 +1,16 @@
 // AVX-512 path of msd_tree_attention_cpu's micro-kernels (see attention.h). Each function has
-// its own target attribute and internal linkage, for the reasons given in linear_avx512.cpp.
+// its own target attribute and internal linkage, for the reasons given in avx512.h.
 // Columns past the last multiple of 16 are handled with masked loads and stores, so a float32
 // K/V row is read in place with no access past its head_dim elements.
 #include "cpu/attention.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
-// GCC 12's AVX-512 headers trip its own -Wuninitialized (see linear_avx512.cpp).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
-#define MSD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
+#include "cpu/avx512.h"
 
 namespace msd::cpu {
 namespace {

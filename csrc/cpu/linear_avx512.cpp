@@ -1,24 +1,12 @@
-// AVX-512 path of msd_linear_cpu. Every function carries its own target attribute instead of
-// the file being built with -mavx512f: the library must still load and run on CPUs without
-// AVX-512, and linear.cpp calls into this table only after __builtin_cpu_supports said yes.
-// Everything here has internal linkage, so no AVX-512 copy of an inline function can be
-// picked by the linker for code that runs on other CPUs.
+// AVX-512 path of msd_linear_cpu (target attributes and linkage: see avx512.h); linear.cpp
+// calls into this table only after __builtin_cpu_supports said yes.
 #include "cpu/linear.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
-// GCC 12's AVX-512 headers start several intrinsics from `__m512 __Y = __Y;`, which its own
-// -Wuninitialized then flags at every use (GCC PR 105593, fixed in GCC 13). Must precede the
-// include: the warnings point into the header.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-
 #include <algorithm>
 
-#define MSD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
+#include "cpu/avx512.h"
 
 namespace msd::cpu {
 namespace {

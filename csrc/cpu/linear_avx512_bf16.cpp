@@ -2,8 +2,8 @@
 // bfloat16 values of x and of a weight row and adds both products into one float32 lane, so the
 // weights are used as they are read, with no widening, and one instruction does 32 of the
 // multiply-adds that take the AVX-512 path's widening plus two FMAs. float32 and float16 use the
-// AVX-512 path's kernels. As in linear_avx512.cpp, every function carries its own target
-// attribute and has internal linkage; linear.cpp calls in only after checking the CPU.
+// AVX-512 path's kernels. Target attributes and linkage as avx512.h says; linear.cpp calls in only
+// after checking the CPU.
 //
 // Each output (x row i, weight row r) is the same sequence of instructions whatever m is and
 // whichever block holds it: lane l accumulates the products of columns 32 j + 2 l and
@@ -14,13 +14,9 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-
 #include <algorithm>
+
+#include "cpu/avx512.h"
 
 #define MSD_AVX512_BF16 \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")))

@@ -1,7 +1,7 @@
 // AVX-512 path of msd_silu_mul_cpu: 16 elements at a time, the same two roundings as the scalar
 // path (silu(gate) rounded to dtype, then the product), with exp from a polynomial instead of
-// glibc's. Built with target attributes and internal linkage, as linear_avx512.cpp is; silu_mul.cpp
-// calls in only on the AVX-512 paths of msd_get_cpu_isa.
+// glibc's. Target attributes and linkage as avx512.h says; silu_mul.cpp calls in only on the
+// AVX-512 paths of msd_get_cpu_isa.
 //
 // exp(x) = 2^n * e^r with x first clamped to [-104, 88.8] (outside it exp is 0 or inf in float32),
 // n = round(x / ln 2) and r = x - n ln 2 (ln 2 split in two so that r is exact to float32
@@ -14,15 +14,8 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-
+#include "cpu/avx512.h"
 #include "cpu/dtype.h"
-
-#define MSD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
 
 namespace msd::cpu {
 namespace {
