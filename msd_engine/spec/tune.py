@@ -59,8 +59,8 @@ def model_key(config: ModelConfig, dtype: torch.dtype) -> str:
 # linear at 8 rows 1.4-2x its 1-row time (bench_cpu_linear), so deep narrow trees of 6-8 nodes are
 # candidates beside the shallow ones. With bfloat16 on AMX a 16-row verify costs little more than
 # one row, and each level of depth costs a draft forward (~1 ms there): depth-2 trees, and wider
-# 8-node trees, too. The 12- and 16-node deep trees measured slowest on both precisions (the
-# tune cache of session 6 and 7), so they are no longer candidates.
+# 8-node trees, too. The 12- and 16-node deep trees, (6,5,12) and (6,6,16), measured slowest in
+# every tuning of the demo pair on that Xeon, in both precisions, so they are no longer candidates.
 CPU_TREES = (TreeParams(2, 2, 3), TreeParams(2, 2, 4), TreeParams(3, 2, 4), TreeParams(4, 2, 8),
              TreeParams(2, 3, 5), TreeParams(2, 4, 6), TreeParams(3, 3, 6), TreeParams(4, 3, 6),
              TreeParams(3, 3, 8), TreeParams(3, 4, 8), TreeParams(4, 4, 8), TreeParams(4, 5, 10))
