@@ -41,22 +41,23 @@ int64_t group_rows(int64_t m) { return std::min<int64_t>(m, kMaxXRows); }
 int64_t k_blocks(int64_t k) { return (k + kTileCols - 1) / kTileCols; }
 
 // Packed x: [group][k block][pair p < 16][x row j < group_rows][2], element (j, 2p + h) of the
-// block being x[group * group_rows + j, block * 32 + 2p + h], zero past m and k.
+// block being x[group * group_rows + j, block * 32 + 2p + h], zero past m and k. Within a group,
+// column pair q (= block * 16 + p) of row j is pair q * group_rows + j: a transpose of the rows'
+// 32-bit column pairs, done once per call (it is on the hot path: every linear of every step).
 int64_t pack_x(const void* src, int64_t src_row_stride, int64_t m, int64_t k, uint16_t* dst) {
     const int64_t rows = group_rows(m);
     const int64_t groups = (m + rows - 1) / rows;
-    const int64_t block_elems = kTileRows * rows * 2;
-    const int64_t size = groups * k_blocks(k) * block_elems;
+    const int64_t group_elems = k_blocks(k) * kTileRows * rows * 2;
+    const int64_t size = groups * group_elems;
     if (dst == nullptr) return size;
     std::memset(dst, 0, static_cast<size_t>(size) * sizeof(uint16_t));
     const auto* x = static_cast<const uint16_t*>(src);
+    const int64_t pairs = k / 2;
     for (int64_t i = 0; i < m; ++i) {
-        const int64_t g = i / rows, j = i % rows;
-        uint16_t* group = dst + g * k_blocks(k) * block_elems;
-        for (int64_t c = 0; c < k; ++c) {
-            const int64_t b = c / kTileCols, p = (c % kTileCols) / 2, h = c % 2;
-            group[b * block_elems + (p * rows + j) * 2 + h] = x[i * src_row_stride + c];
-        }
+        const uint16_t* row = x + i * src_row_stride;
+        uint16_t* out = dst + (i / rows) * group_elems + (i % rows) * 2;
+        for (int64_t q = 0; q < pairs; ++q) std::memcpy(out + q * rows * 2, row + 2 * q, 4);
+        if (k % 2 != 0) out[pairs * rows * 2] = row[k - 1];
     }
     return size;
 }
