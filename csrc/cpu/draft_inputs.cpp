@@ -7,10 +7,9 @@
 // straight to `out` when every row is an fc row; otherwise to a scratch [m, H] that is then
 // scattered to the fc rows of `out`. Bypassed rows are byte copies of their source row.
 #include <cstring>
-#include <new>
-#include <stdexcept>
 #include <vector>
 
+#include "cpu/buffer.h"
 #include "internal.h"
 
 namespace msd::cpu {
@@ -29,20 +28,6 @@ const unsigned char* source_row(const DraftInputs& a, int64_t t) {
     }
     const int64_t token = image ? 0 : a.token_ids[t];
     return static_cast<const unsigned char*>(a.embed) + token * a.embed_row_stride * bytes;
-}
-
-// Grows `buffer` to at least `count` elements; false (error set) when that cannot be had.
-template <class V>
-bool reserve(V& buffer, int64_t count, const char* what) {
-    try {
-        if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(static_cast<size_t>(count));
-        return true;
-    } catch (const std::bad_alloc&) {
-    } catch (const std::length_error&) {
-    }
-    set_error(MSD_ERR_OUT_OF_MEMORY, "cannot allocate %lld elements for %s",
-              static_cast<long long>(count), what);
-    return false;
 }
 
 }  // namespace

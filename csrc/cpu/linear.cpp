@@ -5,10 +5,9 @@
 // The kernels are in linear_{scalar,avx2,avx512,avx512_bf16,amx}.cpp; semantics in msd_engine.h.
 #include <algorithm>
 #include <atomic>
-#include <new>
-#include <stdexcept>
 #include <vector>
 
+#include "cpu/buffer.h"
 #include "cpu/linear.h"
 #include "cpu/thread_pool.h"
 
@@ -134,8 +133,6 @@ msd_status set_isa(int isa) {
     return MSD_OK;
 }
 
-const LinearKernels& active_linear_kernels() { return kernels_for(get_isa()); }
-
 // Output columns [0, n) in chunks on the calling thread and up to num_threads - 1 pool workers,
 // with the kernels of the path `linear` looked up once (args.x widened or x16 packed for them).
 static void run_linear(const LinearKernels& kernels, const LinearArgs& args, int64_t n,
@@ -150,40 +147,25 @@ static void run_linear(const LinearKernels& kernels, const LinearArgs& args, int
 msd_status linear(const void* x, const void* weight, const void* bias, void* out, int64_t m,
                   int64_t n, int64_t k, int64_t x_row_stride, int64_t weight_row_stride,
                   int64_t out_row_stride, msd_dtype dtype, int num_threads) {
-    const LinearKernels& kernels = active_linear_kernels();
+    const LinearKernels& kernels = kernels_for(get_isa());  // once: x's preparation follows it
     LinearArgs args{static_cast<const float*>(x), x_row_stride, weight, weight_row_stride,
                     bias, out, out_row_stride, m, k, x, x_row_stride};
     const bool widens = dtype == MSD_FLOAT16 ||
                         (dtype == MSD_BFLOAT16 && !kernels.bfloat16_reads_x16);
     if (dtype != MSD_FLOAT32) args.x = nullptr;
+    // Read by every chunk, so packed or widened here once, into buffers grown to the largest
+    // call seen on this thread.
     if (dtype == MSD_BFLOAT16 && kernels.pack_bfloat16_x != nullptr) {
-        // Packed once here for every chunk, like the widening below.
         thread_local std::vector<uint16_t> packed;
-        const int64_t size = kernels.pack_bfloat16_x(x, x_row_stride, m, k, nullptr);
-        try {
-            if (static_cast<int64_t>(packed.size()) < size) packed.resize(size);
-        } catch (const std::bad_alloc&) {
-            return set_error(MSD_ERR_OUT_OF_MEMORY, "cannot allocate %lld values to pack x",
-                             static_cast<long long>(size));
-        } catch (const std::length_error&) {
-            return set_error(MSD_ERR_OUT_OF_MEMORY, "cannot allocate %lld values to pack x",
-                             static_cast<long long>(size));
+        if (!reserve(packed, kernels.pack_bfloat16_x(x, x_row_stride, m, k, nullptr), "packed x")) {
+            return MSD_ERR_OUT_OF_MEMORY;
         }
         kernels.pack_bfloat16_x(x, x_row_stride, m, k, packed.data());
         args.x16 = packed.data();
     }
     if (widens) {
-        // Read by every chunk, so widened here once; grows to the largest [m, k] seen.
         thread_local std::vector<float> widened;
-        try {
-            if (static_cast<int64_t>(widened.size()) < m * k) widened.resize(m * k);
-        } catch (const std::bad_alloc&) {
-            return set_error(MSD_ERR_OUT_OF_MEMORY, "cannot allocate %lld floats to widen x",
-                             static_cast<long long>(m * k));
-        } catch (const std::length_error&) {
-            return set_error(MSD_ERR_OUT_OF_MEMORY, "cannot allocate %lld floats to widen x",
-                             static_cast<long long>(m * k));
-        }
+        if (!reserve(widened, m * k, "widened x")) return MSD_ERR_OUT_OF_MEMORY;
         const WidenFn widen = dtype == MSD_FLOAT16 ? kernels.widen_half : kernels.widen_bfloat16;
         widen(x, x_row_stride, m, k, widened.data());
         args.x = widened.data();

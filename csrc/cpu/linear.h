@@ -59,9 +59,6 @@ const LinearKernels* linear_kernels_avx512();
 const LinearKernels* linear_kernels_avx512_bf16();  // AVX-512's, with bfloat16 via vdpbf16ps
 const LinearKernels* linear_kernels_amx();  // AVX-512's, with bfloat16 on AMX tiles
 
-// The kernels of the SIMD path in use (msd_get_cpu_isa).
-const LinearKernels& active_linear_kernels();
-
 // Weight rows per register block: each block's rows are read from memory once and re-read
 // from L1 for every group of x rows.
 constexpr int kLinearBlockRows = 4;
