@@ -39,8 +39,9 @@ def cache_file() -> Path:
 
 def device_key(device: torch.device) -> str:
     """The device as the tuning cache tells them apart. On the CPU this includes the native kernels'
-    SIMD path: it sets what a verified row costs (on AMX a 16-row bfloat16 verify costs little more
-    than one row; widened to float32, about twice), so a tree tuned on one path is not the best on another."""
+    SIMD path: it sets what a verified row costs (a 16-row bfloat16 linear costs 1.1-1.8x a 1-row one
+    on AMX, 2.4-3.9x on the AVX-512 path, `bench_cpu_linear.py --isas`), so a tree tuned on one path
+    is not the best on another."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     from msd_engine import native
@@ -57,9 +58,9 @@ def model_key(config: ModelConfig, dtype: torch.dtype) -> str:
 # A CPU pays for every drafted row and every verified token, so its trees are small and narrow.
 # Measured on a 2-core Xeon: a 5-node verify cost 1.15x a plain step (bench_e2e), and the CPU
 # linear at 8 rows 1.4-2x its 1-row time (bench_cpu_linear), so deep narrow trees of 6-8 nodes are
-# candidates beside the shallow ones. With bfloat16 on AMX a 16-row verify costs little more than
-# one row, and each level of depth costs a draft forward (~1 ms there): depth-2 trees, and wider
-# 8-node trees, too. The 12- and 16-node deep trees, (6,5,12) and (6,6,16), measured slowest in
+# candidates beside the shallow ones. With bfloat16 on AMX a 16-row linear costs 1.1-1.8x a 1-row
+# one, while each level of depth costs a draft forward and top-k (~1.7 ms a level there): depth-2
+# trees, and wider 8-node trees, too. The 12- and 16-node deep trees, (6,5,12) and (6,6,16), measured slowest in
 # every tuning of the demo pair on that Xeon, in both precisions, so they are no longer candidates.
 CPU_TREES = (TreeParams(2, 2, 3), TreeParams(2, 2, 4), TreeParams(3, 2, 4), TreeParams(4, 2, 8),
              TreeParams(2, 3, 5), TreeParams(2, 4, 6), TreeParams(3, 3, 6), TreeParams(4, 3, 6),
