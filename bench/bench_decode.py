@@ -157,9 +157,9 @@ def main() -> None:
               f"transformers {t['decode_tok_s']:.1f} tok/s (prefill {t['prefill_ms']:.0f} ms) | "
               f"x{r['speedup_vs_transformers']:.2f} | floor {r['floor_tok_s']:.1f} tok/s "
               f"({r['weight_MB_per_token']:.0f} MB/token), engine at {100 * r['engine_fraction_of_floor']:.0f}%")
-    report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__,
-                          "msd_cpu_isa": native.cpu_isa() if native.is_built() else None}, "bandwidth": bandwidth, "results": rows,
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "msd_cpu_isa": native.cpu_isa() if native.is_built() else None}
+    report = {"machine": machine, "bandwidth": bandwidth, "results": rows,
               "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)", "new_tokens": args.new_tokens}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from msd_engine import native
 from msd_engine.config import ModelConfig
 from msd_engine.model.llava import LlavaModel
 from msd_engine.kv_cache import KVCache
@@ -44,7 +45,6 @@ def device_key(device: torch.device) -> str:
     is not the best on another."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    from msd_engine import native
     isa = f":{native.cpu_isa()}" if native.is_built() else ""
     return f"cpu:{platform.processor() or platform.machine()}{isa}:{torch.get_num_threads()}threads"
 
