@@ -89,6 +89,10 @@ msd_status kv_compact(void* arena, int64_t planes, int64_t max_slots, int64_t he
 msd_status draft_inputs(const DraftInputs& args, int num_threads);
 msd_status rope_kv_write(const RopeKvWrite& args);
 msd_cpu_isa get_isa();
+// Whether a SIMD path includes AVX-512 F/BW/VL (the kernels other than linear use its AVX-512 code).
+inline bool isa_has_avx512(msd_cpu_isa isa) {
+    return isa == MSD_CPU_ISA_AVX512 || isa == MSD_CPU_ISA_AVX512_BF16 || isa == MSD_CPU_ISA_AMX;
+}
 msd_status set_isa(int isa);
 void set_spin_microseconds(int microseconds);  // in thread_pool.cpp, checked by api.cpp
 }  // namespace cpu

@@ -33,7 +33,7 @@ void silu_mul_rows(const void* gate_up, void* out, int64_t rows, int64_t inter,
 
 msd_status silu_mul(const void* gate_up, void* out, int64_t rows, int64_t inter,
                     int64_t gate_up_row_stride, int64_t out_row_stride, msd_dtype dtype) {
-    if (get_isa() >= MSD_CPU_ISA_AVX512) {  // AVX512, AVX512_BF16, AMX: all have AVX-512 F/BW/VL
+    if (isa_has_avx512(get_isa())) {
         if (const SiluMulFn fn = silu_mul_avx512(dtype)) {
             fn(gate_up, out, rows, inter, gate_up_row_stride, out_row_stride);
             return MSD_OK;

@@ -54,8 +54,7 @@ struct Kernels {
 Kernels kernels_for(msd_cpu_isa isa, msd_dtype dtype) {
     const LinearKernels* linear = linear_kernels_scalar();
     const AttentionKernels* attention = attention_kernels_scalar();
-    if (isa == MSD_CPU_ISA_AVX512 || isa == MSD_CPU_ISA_AVX512_BF16 ||
-        isa == MSD_CPU_ISA_AMX) {  // the same attention: they differ in linear layers only
+    if (isa_has_avx512(isa)) {  // AVX512, AVX512_BF16 and AMX differ in bfloat16 linears only
         linear = linear_kernels_avx512();
         attention = attention_kernels_avx512();
     } else if (isa == MSD_CPU_ISA_AVX2) {
