@@ -324,6 +324,81 @@ msd_status check_token_ids(const DraftInputs& args) {
     return MSD_OK;
 }
 
+// Whether byte ranges [a, a + a_bytes) and [b, b + b_bytes) share a byte.
+bool overlaps(const void* a, int64_t a_bytes, const void* b, int64_t b_bytes) {
+    const auto a0 = reinterpret_cast<uintptr_t>(a), b0 = reinterpret_cast<uintptr_t>(b);
+    return a0 < b0 + static_cast<uintptr_t>(b_bytes) && b0 < a0 + static_cast<uintptr_t>(a_bytes);
+}
+
+msd_status check_decoder_weights(const msd_decoder_layer* layer) {
+    CHECK_ARG(check_pointer(layer, "layer"));
+    const void* pointers[] = {layer->qkv_weight, layer->o_weight, layer->post_attention_norm,
+                              layer->gate_up_weight, layer->down_weight};
+    const char* names[] = {"layer->qkv_weight", "layer->o_weight", "layer->post_attention_norm",
+                           "layer->gate_up_weight", "layer->down_weight"};
+    for (int i = 0; i < 5; ++i) CHECK_ARG(check_pointer(pointers[i], names[i]));  // next_norm may be NULL
+    CHECK_ARG(check_positive(layer->hidden, "layer->hidden"));
+    CHECK_ARG(check_positive(layer->intermediate, "layer->intermediate"));
+    CHECK_ARG(check_attention_sizes(1, layer->num_heads, layer->num_kv_heads, layer->head_dim, 0, 1));
+    if (layer->head_dim % 2 != 0) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT, "layer->head_dim must be even, got %lld",
+                         static_cast<long long>(layer->head_dim));
+    }
+    CHECK_ARG(check_eps(layer->rms_norm_eps));
+    if (!std::isfinite(layer->sm_scale)) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT, "layer->sm_scale must be finite, got %g",
+                         static_cast<double>(layer->sm_scale));
+    }
+    return MSD_OK;
+}
+
+// The step operands of a msd_decoder_layer_cpu call; fills `step` when they pass.
+msd_status check_decoder_layer(const msd_decoder_layer* layer, void* h, void* residual,
+                               int64_t num_tokens, int64_t h_row_stride,
+                               int64_t residual_row_stride, const void* cos, const void* sin,
+                               int64_t table_row_stride, void* k_cache, void* v_cache,
+                               int64_t num_slots, int64_t cache_head_stride,
+                               int64_t cache_slot_stride, int64_t start, int64_t prefix_len,
+                               const int32_t* mask_bits, msd_dtype dtype, DecoderStep* step) {
+    clear_error();
+    CHECK_ARG(check_decoder_weights(layer));
+    const void* pointers[] = {h, residual, cos, sin, k_cache, v_cache};
+    const char* names[] = {"h", "residual", "cos", "sin", "k_cache", "v_cache"};
+    for (int i = 0; i < 6; ++i) CHECK_ARG(check_pointer(pointers[i], names[i]));  // mask_bits may be NULL
+    CHECK_ARG(check_positive(num_tokens, "num_tokens"));
+    CHECK_ARG(check_stride(h_row_stride, layer->hidden, "h_row_stride"));
+    CHECK_ARG(check_stride(residual_row_stride, layer->hidden, "residual_row_stride"));
+    CHECK_ARG(check_stride(table_row_stride, layer->head_dim, "table_row_stride"));
+    CHECK_ARG(check_positive(num_slots, "num_slots"));
+    CHECK_ARG(check_stride(cache_head_stride, layer->head_dim, "cache_head_stride"));
+    CHECK_ARG(check_stride(cache_slot_stride, layer->head_dim, "cache_slot_stride"));
+    CHECK_ARG(check_out_rows(num_slots, layer->num_kv_heads, layer->head_dim, cache_slot_stride,
+                             cache_head_stride, "k_cache / v_cache", "cache_slot_stride",
+                             "cache_head_stride"));
+    CHECK_ARG(check_non_negative(start, "start"));
+    if (start + num_tokens > num_slots) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT,
+                         "start (%lld) + num_tokens (%lld) exceeds num_slots (%lld)",
+                         static_cast<long long>(start), static_cast<long long>(num_tokens),
+                         static_cast<long long>(num_slots));
+    }
+    if (prefix_len < 0 || prefix_len > start) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT, "prefix_len (%lld) must be in [0, start = %lld]",
+                         static_cast<long long>(prefix_len), static_cast<long long>(start));
+    }
+    CHECK_ARG(check_dtype(dtype));
+    const int64_t element = dtype == MSD_FLOAT32 ? 4 : 2;
+    const int64_t rows_bytes_h = ((num_tokens - 1) * h_row_stride + layer->hidden) * element;
+    const int64_t rows_bytes_r = ((num_tokens - 1) * residual_row_stride + layer->hidden) * element;
+    if (overlaps(h, rows_bytes_h, residual, rows_bytes_r)) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT, "h and residual overlap");
+    }
+    *step = DecoderStep{h, residual, num_tokens, h_row_stride, residual_row_stride, cos, sin,
+                        table_row_stride, k_cache, v_cache, cache_head_stride, cache_slot_stride,
+                        start, prefix_len, mask_bits};
+    return MSD_OK;
+}
+
 #if !defined(MSD_ENGINE_WITH_CUDA)
 msd_status cuda_not_compiled(const char* function) {
     return set_error(MSD_ERR_NOT_COMPILED,
@@ -503,6 +578,21 @@ msd_status msd_rope_kv_write_cpu(const void* q, const void* k, const void* v, co
                                        q_out_head_stride, cache_head_stride, cache_slot_stride,
                                        dtype, &args));
     return msd::cpu::rope_kv_write(args);
+}
+
+msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* residual,
+                                 int64_t num_tokens, int64_t h_row_stride,
+                                 int64_t residual_row_stride, const void* cos, const void* sin,
+                                 int64_t table_row_stride, void* k_cache, void* v_cache,
+                                 int64_t num_slots, int64_t cache_head_stride,
+                                 int64_t cache_slot_stride, int64_t start, int64_t prefix_len,
+                                 const int32_t* mask_bits, msd_dtype dtype, int num_threads) {
+    msd::DecoderStep step;
+    CHECK_ARG(msd::check_decoder_layer(layer, h, residual, num_tokens, h_row_stride,
+                                       residual_row_stride, cos, sin, table_row_stride, k_cache,
+                                       v_cache, num_slots, cache_head_stride, cache_slot_stride,
+                                       start, prefix_len, mask_bits, dtype, &step));
+    return msd::cpu::decoder_layer(*layer, step, dtype, num_threads);
 }
 
 msd_status msd_set_cpu_spin_us(int microseconds) {

@@ -60,6 +60,11 @@ struct PyArg<const uint8_t*> {
     static const uint8_t* from(uintptr_t p) { return reinterpret_cast<const uint8_t*>(p); }
 };
 template <>
+struct PyArg<const msd_decoder_layer*> {  // a _C.DecoderLayer, built once per layer
+    using type = const msd_decoder_layer&;
+    static const msd_decoder_layer* from(const msd_decoder_layer& layer) { return &layer; }
+};
+template <>
 struct PyArg<msd_dtype> {
     using type = int;
     static msd_dtype from(int d) { return static_cast<msd_dtype>(d); }
@@ -112,6 +117,19 @@ PYBIND11_MODULE(_C, m) {
     m.def("draft_inputs_cuda", checked(&msd_draft_inputs_cuda), nogil);
     m.def("rope_kv_write_cpu", checked(&msd_rope_kv_write_cpu), nogil);
     m.def("rope_kv_write_cuda", checked(&msd_rope_kv_write_cuda), nogil);
+    py::class_<msd_decoder_layer>(m, "DecoderLayer")
+        .def(py::init([](uintptr_t qkv_weight, uintptr_t o_weight, uintptr_t post_attention_norm,
+                         uintptr_t gate_up_weight, uintptr_t down_weight, uintptr_t next_norm,
+                         int64_t hidden, int64_t num_heads, int64_t num_kv_heads,
+                         int64_t head_dim, int64_t intermediate, float rms_norm_eps,
+                         float sm_scale) {
+            const auto ptr = [](uintptr_t p) { return reinterpret_cast<const void*>(p); };
+            return msd_decoder_layer{ptr(qkv_weight), ptr(o_weight), ptr(post_attention_norm),
+                                     ptr(gate_up_weight), ptr(down_weight), ptr(next_norm),
+                                     hidden, num_heads, num_kv_heads, head_dim, intermediate,
+                                     rms_norm_eps, sm_scale};
+        }));
+    m.def("decoder_layer_cpu", checked(&msd_decoder_layer_cpu), nogil);
     m.def("cpu_isa", [] { return static_cast<int>(msd_get_cpu_isa()); });
     m.def("set_cpu_isa", checked(&msd_set_cpu_isa));
     m.def("set_cpu_spin_us", checked(&msd_set_cpu_spin_us));

@@ -65,6 +65,26 @@ struct RopeKvWrite {
     msd_dtype dtype;
 };
 
+// One msd_decoder_layer_cpu call's step operands after api.cpp's checks (semantics in
+// msd_engine.h).
+struct DecoderStep {
+    void* h;
+    void* residual;
+    int64_t num_tokens;
+    int64_t h_row_stride;
+    int64_t residual_row_stride;
+    const void* cos;
+    const void* sin;
+    int64_t table_row_stride;
+    void* k_cache;
+    void* v_cache;
+    int64_t cache_head_stride;
+    int64_t cache_slot_stride;
+    int64_t start;
+    int64_t prefix_len;
+    const int32_t* mask_bits;
+};
+
 namespace cpu {
 msd_status rms_norm(const void* x, const void* weight, void* out, int64_t rows, int64_t dim,
                     int64_t x_row_stride, int64_t out_row_stride, float eps, msd_dtype dtype);
@@ -88,6 +108,8 @@ msd_status kv_compact(void* arena, int64_t planes, int64_t max_slots, int64_t he
                       int64_t start, const int64_t* nodes, int64_t num_nodes, msd_dtype dtype);
 msd_status draft_inputs(const DraftInputs& args, int num_threads);
 msd_status rope_kv_write(const RopeKvWrite& args);
+msd_status decoder_layer(const msd_decoder_layer& layer, const DecoderStep& step, msd_dtype dtype,
+                         int num_threads);
 msd_cpu_isa get_isa();
 // Whether a SIMD path includes AVX-512 F/BW/VL (the kernels other than linear use its AVX-512 code).
 inline bool isa_has_avx512(msd_cpu_isa isa) {

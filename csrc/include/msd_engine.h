@@ -266,6 +266,56 @@ msd_status msd_rope_kv_write_cuda(const void* q, const void* k, const void* v, c
                                   int64_t q_out_head_stride, int64_t cache_head_stride,
                                   int64_t cache_slot_stride, msd_dtype dtype, void* stream);
 
+/* One Llama decoder layer in one call (CPU), for decode-sized steps: the sequence of kernels
+ * above that a layer is, on one thread's scratch memory, with nothing returned to the caller in
+ * between. The weights, all in `dtype` with contiguous rows (row stride = row length):
+ *   qkv_weight [(num_heads + 2 num_kv_heads) * head_dim, hidden]: q's rows, then k's, then v's;
+ *   o_weight [hidden, num_heads * head_dim]; gate_up_weight [2 * intermediate, hidden]: gate's
+ *   rows, then up's; down_weight [hidden, intermediate]; post_attention_norm and next_norm
+ *   [hidden] (next_norm: the next layer's input norm or the model's final norm; NULL: none). */
+typedef struct {
+    const void* qkv_weight;
+    const void* o_weight;
+    const void* post_attention_norm;
+    const void* gate_up_weight;
+    const void* down_weight;
+    const void* next_norm;
+    int64_t hidden;
+    int64_t num_heads;
+    int64_t num_kv_heads;
+    int64_t head_dim;
+    int64_t intermediate;
+    float rms_norm_eps;
+    float sm_scale;
+} msd_decoder_layer;
+
+/* `h` [T, hidden] holds the layer's normed input on entry and `residual` [T, hidden] the
+ * residual stream (T = num_tokens; row strides h_row_stride / residual_row_stride; the two must
+ * not overlap). With q, k, v the head-sized column blocks of qkv, the call computes, each step
+ * by the kernel named and rounded as that kernel documents:
+ *     qkv       = msd_linear_cpu(h, qkv_weight)
+ *     q         = rope(q); cache slots [start, start + T) get rope(k), v   (msd_rope_kv_write_cpu)
+ *     a         = msd_tree_attention_cpu(q; prefix_len, region = start + T - prefix_len,
+ *                                        mask_bits, sm_scale)
+ *     residual += msd_linear_cpu(a, o_weight);  h = rms_norm(residual) * post_attention_norm
+ *     residual += msd_linear_cpu(silu_mul(msd_linear_cpu(h, gate_up_weight)), down_weight)
+ *     h         = rms_norm(residual) * next_norm        (next_norm NULL: h keeps the MLP input)
+ * (each `residual +=` and norm as msd_add_rms_norm_cpu; with next_norm NULL the last add alone),
+ * so the results equal those of the separate calls bit for bit. cos / sin [T, head_dim] share
+ * table_row_stride; k_cache / v_cache [num_kv_heads, num_slots, head_dim] share the head and
+ * slot strides; 0 <= prefix_len <= start and start + T <= num_slots; mask_bits as for
+ * msd_tree_attention_cpu (NULL: every region slot visible). Linears and attention run on the
+ * thread pool as msd_linear_cpu describes (`num_threads`). On failure (a bad argument, or
+ * MSD_ERR_OUT_OF_MEMORY for the scratch) nothing has been written when the arguments are at
+ * fault; an allocation failure midway may leave h, residual and the cache slots partly written. */
+msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* residual,
+                                 int64_t num_tokens, int64_t h_row_stride,
+                                 int64_t residual_row_stride, const void* cos, const void* sin,
+                                 int64_t table_row_stride, void* k_cache, void* v_cache,
+                                 int64_t num_slots, int64_t cache_head_stride,
+                                 int64_t cache_slot_stride, int64_t start, int64_t prefix_len,
+                                 const int32_t* mask_bits, msd_dtype dtype, int num_threads);
+
 /* How long the CPU thread pool's idle workers poll for work before they sleep, in [0, 10^6]
  * microseconds (default 100: covers the gaps between the linear calls of one decode step, so
  * workers stay awake through a step and sleep between steps). Lower it when other threads

@@ -31,6 +31,7 @@ class DraftModel:
         self.layer = LlamaLayer(input_norm=torch.empty(0), qkv_proj=qkv, o_proj=weights[p + "self_attn.o_proj.weight"],
                                 post_attention_norm=weights[p + "post_attention_layernorm.weight"],
                                 gate_up_proj=gate_up, down_proj=weights[p + "mlp.down_proj.weight"])
+        self.block = ops.prepare_decoder_layer(self.layer, None, config)  # no input norm, no final norm
         self.vocab_ids: Optional[torch.Tensor] = weights.get(DRAFT_VOCAB_KEY)  # [Vd] int64 target ids, or None
         lm_head = target_lm_head if self.vocab_ids is None else target_lm_head[self.vocab_ids].contiguous()
         self.lm_head = lm_head.to(self.fc_weight.dtype)  # no copy when the draft runs in the target's dtype
@@ -56,16 +57,10 @@ class DraftModel:
             return self._forward(x, step, cache)
 
     def _forward(self, x: torch.Tensor, step: StepState, cache: KVCache) -> torch.Tensor:
-        ops, cfg, layer = self.ops, self.config, self.layer
-        t, d = x.shape[0], cfg.head_dim
-        qkv = ops.linear(x, layer.qkv_proj)
-        q, k, v = qkv.view(t, -1, d).split([cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
-        k_cache, v_cache = cache.layer(0)
-        q = ops.rope_kv_write(q, k, v, step.cos, step.sin, k_cache, v_cache, step.start)  # rope(k), v cached
-        attn = ops.attention(q, k_cache, v_cache, step)
-        h = x + ops.linear(attn.reshape(t, cfg.num_heads * d), layer.o_proj)
-        mlp_in = ops.rms_norm(h, layer.post_attention_norm, cfg.rms_norm_eps)
-        return h + ops.linear(ops.silu_mul(ops.linear(mlp_in, layer.gate_up_proj)), layer.down_proj)
+        # x = x + attn(x); x = x + mlp(post_norm(x)): the decoder layer with x as both its input
+        # and its residual, and no norm after it.
+        _, out = self.ops.decoder_layer(self.block, x.clone(), x.clone(), step, *cache.layer(0))
+        return out
 
     def top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, H] -> the k most likely next tokens per row: (log-probs [T, k] float32, best first;

@@ -41,6 +41,8 @@ class LlamaModel:
         self.norm = weights["text.norm.weight"]
         self.lm_head = self.embed_tokens if config.tie_word_embeddings else weights["text.lm_head.weight"]
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        self.blocks = [ops.prepare_decoder_layer(layer, norm, config) for layer, norm in zip(self.layers, next_norms)]
         self.cos, self.sin = rotary_tables(config, max_seq_len, self.embed_tokens.dtype, self.embed_tokens.device)
 
     @staticmethod
@@ -71,23 +73,9 @@ class LlamaModel:
         ops, cfg = self.ops, self.config
         residual = x.clone()  # backends may accumulate into the residual in place; x stays the caller's
         h = ops.rms_norm(x, self.layers[0].input_norm, cfg.rms_norm_eps)
-        for i, layer in enumerate(self.layers):
-            attn_out = self._attention(h, layer, step, *cache.layer(i))
-            h, residual = ops.add_rms_norm(attn_out, residual, layer.post_attention_norm, cfg.rms_norm_eps)
-            mlp_out = ops.linear(ops.silu_mul(ops.linear(h, layer.gate_up_proj)), layer.down_proj)
-            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-            h, residual = ops.add_rms_norm(mlp_out, residual, next_norm, cfg.rms_norm_eps)
+        for i, block in enumerate(self.blocks):
+            h, residual = ops.decoder_layer(block, h, residual, step, *cache.layer(i))
         return h
-
-    def _attention(self, h: torch.Tensor, layer: LlamaLayer, step: StepState,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        ops, cfg = self.ops, self.config
-        t, d = h.shape[0], cfg.head_dim
-        qkv = ops.linear(h, layer.qkv_proj)  # [T, (Hq + 2 Hkv) * D]
-        q, k, v = qkv.view(t, -1, d).split([cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
-        q = ops.rope_kv_write(q, k, v, step.cos, step.sin, k_cache, v_cache, step.start)  # rope(k), v cached
-        out = ops.attention(q, k_cache, v_cache, step)  # [T, Hq, D]
-        return ops.linear(out.reshape(t, cfg.num_heads * d), layer.o_proj)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, V] in float32 (sampling and comparisons are done in float32)."""

@@ -16,14 +16,16 @@ call for all layers. The draft head's input (gather + fc + bias + visual bypass)
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
 from msd_engine import native
 from msd_engine.kv_cache import pack_mask
-from msd_engine.ops.torch_ops import TorchOps
+from msd_engine.native_decoder import DecoderLayerWeights, decoder_layer
+from msd_engine.ops.torch_ops import DecoderBlock, TorchOps
 
 SKINNY_ROWS = 16  # up to this many rows the native kernel streams the weight once
 
@@ -31,6 +33,11 @@ SKINNY_ROWS = 16  # up to this many rows the native kernel streams the weight on
 def _skinny(t: torch.Tensor) -> bool:
     """A decode-sized step: at most SKINNY_ROWS rows of t's last dimension."""
     return (t.numel() // t.shape[-1] if t.shape[-1] else 0) <= SKINNY_ROWS
+
+
+@dataclass(frozen=True)
+class CpuDecoderBlock(DecoderBlock):
+    native: Optional[DecoderLayerWeights] = None  # None: weights the kernel cannot take
 
 
 class CpuOps(TorchOps):
@@ -57,6 +64,29 @@ class CpuOps(TorchOps):
             yield
         finally:
             torch.set_num_threads(threads)
+
+    def prepare_decoder_layer(self, layer, next_norm, config):
+        block = super().prepare_decoder_layer(layer, next_norm, config)
+        try:
+            native = DecoderLayerWeights(layer.qkv_proj, layer.o_proj, layer.post_attention_norm,
+                                         layer.gate_up_proj, layer.down_proj, next_norm,
+                                         num_heads=block.num_heads, num_kv_heads=block.num_kv_heads,
+                                         head_dim=block.head_dim, rms_norm_eps=block.rms_norm_eps)
+        except (TypeError, ValueError):
+            native = None  # e.g. strided weights: the per-op path takes them
+        return CpuDecoderBlock(**vars(block), native=native)
+
+    def decoder_layer(self, block, h, residual, step, k_cache, v_cache):
+        # A skinny step's whole layer is one native call: the kernels the per-op path runs, in its
+        # order (same bits), without ~10 returns to Python per layer. Those cost ~3 ms of a 15 ms
+        # SmolLM2 bfloat16 step, and the gaps they left between linear calls let the pool's
+        # workers fall asleep in tree verification (measured: 8-row step 22.6 -> 19.2 ms with
+        # workers kept awake). Larger steps (prefill) keep the per-op path and torch's GEMMs.
+        if block.native is None or h.shape[0] > SKINNY_ROWS:
+            return super().decoder_layer(block, h, residual, step, k_cache, v_cache)
+        decoder_layer(block.native, h, residual, step.cos, step.sin, k_cache, v_cache, step.start,
+                      step.prefix_len, step.mask_bits)
+        return (None if block.next_norm is None else h), residual
 
     def attention(self, q, k_cache, v_cache, step):
         # The step's mask is bit-packed once (StepState.mask_bits) and shared by every layer.

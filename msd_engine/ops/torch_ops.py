@@ -6,10 +6,25 @@ so float32 logits agree with `LlavaForConditionalGeneration` to rounding.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Optional
+from dataclasses import dataclass
+from typing import Any, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DecoderBlock:
+    """One Llama decoder layer as the op table runs it (`TorchOps.decoder_layer`), built once at
+    load: the layer's weights (a model.llama.LlamaLayer), the norm that follows it (the next
+    layer's input norm, the final norm, or None for the draft head's layer) and its sizes."""
+
+    layer: Any
+    next_norm: Optional[torch.Tensor]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
 
 
 class TorchOps:
@@ -53,6 +68,31 @@ class TorchOps:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return F.linear(x, weight, bias)
+
+    # ---- a whole decoder layer ----------------------------------------------------------------
+    def prepare_decoder_layer(self, layer, next_norm: Optional[torch.Tensor], config) -> DecoderBlock:
+        """What `decoder_layer` needs for `layer` (a LlamaLayer), built once at load; `config`
+        gives num_heads, num_kv_heads, head_dim and rms_norm_eps."""
+        return DecoderBlock(layer, next_norm, config.num_heads, config.num_kv_heads, config.head_dim,
+                            config.rms_norm_eps)
+
+    def decoder_layer(self, block: DecoderBlock, h: torch.Tensor, residual: torch.Tensor, step,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """One layer of a step (`step`: a kv_cache.StepState): `h [T, H]` is its normed input,
+        `residual` the residual stream. Returns (the next normed input, or None when the block has
+        no next_norm; the residual after the layer). Kernel backends may update h and residual in
+        place: callers must own both."""
+        layer, eps, t = block.layer, block.rms_norm_eps, h.shape[0]
+        qkv = self.linear(h, layer.qkv_proj)  # [T, (Hq + 2 Hkv) * D]
+        q, k, v = qkv.view(t, -1, block.head_dim).split([block.num_heads, block.num_kv_heads, block.num_kv_heads], dim=1)
+        q = self.rope_kv_write(q, k, v, step.cos, step.sin, k_cache, v_cache, step.start)  # rope(k), v cached
+        out = self.attention(q, k_cache, v_cache, step)  # [T, Hq, D]
+        attn_out = self.linear(out.reshape(t, block.num_heads * block.head_dim), layer.o_proj)
+        h, residual = self.add_rms_norm(attn_out, residual, layer.post_attention_norm, eps)
+        mlp_out = self.linear(self.silu_mul(self.linear(h, layer.gate_up_proj)), layer.down_proj)
+        if block.next_norm is None:
+            return None, residual + mlp_out
+        return self.add_rms_norm(mlp_out, residual, block.next_norm, eps)
 
     # ---- rotary embedding and cache ----------------------------------------------------------
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
