@@ -119,6 +119,28 @@ def test_each_row_alone_gives_the_same_bits(cpu_isa, isa, dtype):
         assert torch.equal(native.linear(x[2:], weight, bias), together[2:]), (m, n, k)
 
 
+@pytest.mark.parametrize("isa", native.CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", (1, 5, 16, 19))
+def test_rounding_of_exact_sums_is_torchs(cpu_isa, isa, dtype, m):
+    """Small integers make every product and sum exact in float32 on every path, whatever the
+    order: what remains is the one rounding of sum + bias to dtype (and NaN / inf passing
+    through), which must be torch's `.to(dtype)` bit for bit."""
+    cpu_isa(isa)
+    g = torch.Generator().manual_seed(m)
+    n, k = 83, 96
+    x = torch.randint(-40, 41, (m, k), generator=g).to(dtype)
+    weight = torch.randint(-40, 41, (n, k), generator=g).to(dtype)
+    bias = torch.randint(-300, 301, (n,), generator=g).to(dtype)
+    weight[3, 5], weight[7, 0], bias[11] = float("nan"), float("inf"), float("-inf")
+    exact = (x.double() @ weight.double().T + bias.double()).float()  # exact: |sum| < 2**24
+    for b in (bias, None):
+        expected = (exact if b is not None else (x.double() @ weight.double().T).float()).to(dtype)
+        out = native.linear(x, weight, b)
+        assert torch.equal(out.isnan(), expected.isnan())
+        assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_thread_count_does_not_change_the_result(dtype):
     """Each output's sum is computed the same way whichever thread owns its column."""

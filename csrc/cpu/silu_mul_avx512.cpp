@@ -73,14 +73,7 @@ struct Lanes<BFloat16> {
         return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
     }
     // The bfloat16 bits in the low half of each 32-bit lane.
-    MSD_AVX512 static __m512i pack(__m512 v) {
-        const __m512i bits = _mm512_castps_si512(v);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-        const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        const __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x400000));
-        return _mm512_srli_epi32(_mm512_mask_mov_epi32(rounded, nan, quiet), 16);
-    }
+    MSD_AVX512 static __m512i pack(__m512 v) { return bfloat16_bits(v); }
     MSD_AVX512 static void store(uint16_t* p, __m512 v, __mmask16 m) {
         _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(pack(v)));
     }
