@@ -38,15 +38,21 @@ def cache_file() -> Path:
     return Path(root) / "tune.json"
 
 
+# Raised when a change to the engine moves what drafting or verifying costs, so that trees tuned
+# before it are measured again (2: one native call per CPU decoder layer).
+COST_REVISION = 2
+
+
 def device_key(device: torch.device) -> str:
     """The device as the tuning cache tells them apart. On the CPU this includes the native kernels'
     SIMD path: it sets what a verified row costs (a 16-row bfloat16 linear costs 1.1-1.8x a 1-row one
     on AMX, 2.4-3.9x on the AVX-512 path, `bench_cpu_linear.py --isas`), so a tree tuned on one path
-    is not the best on another."""
+    is not the best on another. Keys also carry COST_REVISION."""
     if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
+        return f"cuda:{torch.cuda.get_device_name(device)}:r{COST_REVISION}"
     isa = f":{native.cpu_isa()}" if native.is_built() else ""
-    return f"cpu:{platform.processor() or platform.machine()}{isa}:{torch.get_num_threads()}threads"
+    return (f"cpu:{platform.processor() or platform.machine()}{isa}:{torch.get_num_threads()}threads"
+            f":r{COST_REVISION}")
 
 
 def model_key(config: ModelConfig, dtype: torch.dtype) -> str:
