@@ -6,10 +6,12 @@ and `check_fits` turns a would-be overflow into a clear error before any write.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
 
+import numpy as np
 import torch
 
 
@@ -19,6 +21,18 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask must be a 2-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
     t, r = mask.shape
     words = (r + 31) // 32
+    if mask.device.type == "cpu" and sys.byteorder == "little":
+        # Packed by numpy (~5 us; the torch ops below take ~70 us, and a CPU step packs a mask per
+        # draft level and per verification): bytes in bit order make little-endian int32 words.
+        packed = np.zeros((t, words * 4), dtype=np.uint8)
+        packed[:, :(r + 7) // 8] = np.packbits(mask.numpy(), axis=1, bitorder="little")
+        return torch.from_numpy(packed.view(np.int32))
+    return _pack_mask_torch(mask, words)
+
+
+def _pack_mask_torch(mask: torch.Tensor, words: int) -> torch.Tensor:
+    """pack_mask in torch ops, on any device."""
+    t, r = mask.shape
     padded = torch.zeros(t, words * 32, dtype=torch.int64, device=mask.device)
     padded[:, :r] = mask
     weights = torch.ones(32, dtype=torch.int64, device=mask.device) << torch.arange(32, device=mask.device)
