@@ -68,9 +68,13 @@ def model_key(config: ModelConfig, dtype: torch.dtype) -> str:
 # one, while each level of depth costs a draft forward and top-k (~1.7 ms a level there): depth-2
 # trees, and wider 8-node trees, too. The 12- and 16-node deep trees, (6,5,12) and (6,6,16), measured slowest in
 # every tuning of the demo pair on that Xeon, in both precisions, so they are no longer candidates.
-CPU_TREES = (TreeParams(2, 2, 3), TreeParams(2, 2, 4), TreeParams(3, 2, 4), TreeParams(4, 2, 8),
+# Once each layer became one native call (cost revision 2), a bfloat16 verify got cheaper and a draft
+# level (forward + top-k over 8192 rows, ~1.3 ms) became the larger share: depth-1 trees are
+# candidates, and (3,4,8) and (4,5,10), the slowest in both precisions then, were dropped.
+CPU_TREES = (TreeParams(3, 1, 3), TreeParams(3, 1, 4), TreeParams(4, 1, 6),
+             TreeParams(2, 2, 3), TreeParams(2, 2, 4), TreeParams(3, 2, 4), TreeParams(4, 2, 8),
              TreeParams(2, 3, 5), TreeParams(2, 4, 6), TreeParams(3, 3, 6), TreeParams(4, 3, 6),
-             TreeParams(3, 3, 8), TreeParams(3, 4, 8), TreeParams(4, 4, 8), TreeParams(4, 5, 10))
+             TreeParams(3, 3, 8), TreeParams(4, 4, 8))
 GPU_TREES = (TreeParams(10, 5, 40), TreeParams(10, 5, 50), TreeParams(10, 6, 60), TreeParams(12, 6, 64))
 
 
