@@ -64,6 +64,7 @@ def test_standalone_cmake_build_and_ctest(tmp_path, cuda):
                   "--output-on-failure", "-V"])
     # Statically linked cudart: the example runs, and counts 0 devices, on a driverless machine.
     assert f"OK (cuda compiled: {int(cuda)}" in output
+    assert "OK: one call == 9 separate calls, bit for bit" in output  # decoder_layer_example
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
