@@ -17,8 +17,8 @@ import torch
 from msd_engine.demo.assets import DRAFT_DTYPE, TRAIN_PROMPTS, demo_home, export_photo, load_prompts
 from msd_engine.spec.tree import TreeParams
 
-TUNE_PROMPTS = 4          # training prompts measured: half with a photograph
-TUNE_MAX_NEW_TOKENS = 48  # tokens per measured generation
+TUNE_PROMPTS = 8          # training prompts measured: half with a photograph
+TUNE_MAX_NEW_TOKENS = 64  # tokens per measured generation
 
 
 def tuning_prompts(count: int = TUNE_PROMPTS) -> list[tuple[str, Optional[Path]]]:

@@ -96,20 +96,22 @@ def tune_tree(engine, prompts, trees, max_new_tokens: int = 64) -> tuple[TreePar
     if not prompts:
         raise ValueError("tune_tree needs at least one prompt")
     loaded = engine.tree
-    rates = {}
+    steps, seconds = dict.fromkeys(trees, 0), dict.fromkeys(trees, 0.0)
     try:
         engine.generate(prompts[0][0], image=prompts[0][1], max_new_tokens=8, speculative=True)  # warm-up
-        for tree in trees:
-            engine.tree = tree
-            steps, seconds = 0, 0.0
-            for text, image in prompts:
+        # Prompt by prompt, every tree in turn: a machine whose speed drifts during the tuning
+        # (other tenants, clocks) then weighs on every tree alike, not on the ones measured last.
+        for text, image in prompts:
+            for tree in trees:
+                engine.tree = tree
                 s = engine.generate(text, image=image, max_new_tokens=max_new_tokens, speculative=True).stats
                 n = max(s["new_tokens"] - 1, 0)
                 if n and s["decode_tokens_per_s"] > 0:
-                    steps, seconds = steps + n, seconds + n / s["decode_tokens_per_s"]
-            rates[tree] = steps / seconds if seconds else 0.0
+                    steps[tree] += n
+                    seconds[tree] += n / s["decode_tokens_per_s"]
     finally:
         engine.tree = loaded
+    rates = {tree: steps[tree] / seconds[tree] if seconds[tree] else 0.0 for tree in trees}
     return max(rates, key=lambda t: rates[t]), rates
 
 
