@@ -63,7 +63,8 @@ def decode(model: LlavaModel, cache: KVCache, prompt_embeds: torch.Tensor, sampl
     with torch.inference_mode():
         step = text.plan_step(positions, 0, causal if num_prompt > 1 else None)
         hidden = text.forward(prompt_embeds, step, cache)
-        token = sampler(text.logits(hidden[-1:])[0])
+        with text.ops.step_scope(1):  # a one-row step's work: see below
+            token = sampler(text.logits(hidden[-1:])[0])
     cache.advance(num_prompt)
     _sync(device)
     # prefill_ms counts the vision tower too (measured by the caller into vision_ms).
@@ -81,7 +82,10 @@ def decode(model: LlavaModel, cache: KVCache, prompt_embeds: torch.Tensor, sampl
             break
         t1 = time.perf_counter()
         position = cache.length
-        with torch.inference_mode():
+        # The whole step in the backend's one-row scope, sampling included: on the CPU a softmax
+        # over the vocabulary on torch's threads, right after the kernels' pool, made each sampled
+        # token ~5 ms slower (the pool's spinning worker and torch's thread share the cores).
+        with torch.inference_mode(), text.ops.step_scope(1):
             step = text.plan_step(torch.tensor([position], device=device), position, None)
             hidden = text.forward(text.embed(torch.tensor([token], device=device)), step, cache)
             token = sampler(text.logits(hidden)[0])

@@ -93,7 +93,8 @@ def speculative_decode(model: LlavaModel, cache: KVCache, drafter: Drafter, inpu
     timer = _Timer(device)
     with torch.inference_mode():
         hidden = _prefill(model, cache, prompt_embeds)
-        root = sampler(model.text.logits(hidden[-1:])[0])
+        with model.text.ops.step_scope(1):
+            root = sampler(model.text.logits(hidden[-1:])[0])
     stats.prefill_ms = stats.vision_ms + timer.lap()
     stats.target_forwards = 1
 
@@ -123,7 +124,8 @@ def speculative_decode(model: LlavaModel, cache: KVCache, drafter: Drafter, inpu
 
 def _speculate_round(model: LlavaModel, cache: KVCache, drafter: Drafter, root: int, sampler: Sampler,
                      params: TreeParams, stats: SpecStats, timer: _Timer) -> list[int]:
-    with torch.inference_mode():
+    # The round in the backend's scope for its size, acceptance included (see generation.decode).
+    with torch.inference_mode(), model.text.ops.step_scope(params.total_tokens):
         tree = drafter.draft(root, params)
         stats.draft_ms += timer.lap()
         hidden, logits = _verify(model, cache, tree)
