@@ -26,7 +26,9 @@ if native.is_built():
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (hidden, Hq, Hkv, D, F): GQA 3 as SmolLM2, MHA, an intermediate size off the SIMD widths.
 SHAPES = ((96, 6, 2, 16, 160), (64, 4, 4, 16, 96), (72, 3, 1, 24, 130))
-SLOTS, PREFIX = 96, 37
+# Large enough that the linears and the attention run on the thread pool.
+POOLED_SHAPE = (256, 8, 2, 32, 704)
+SLOTS, PREFIX = 640, 37
 
 
 def _isas() -> list[str]:
@@ -100,19 +102,28 @@ def inputs(config: TextConfig, t: int, dtype, seed: int) -> tuple[torch.Tensor, 
             (3 * torch.randn(t, config.hidden_size, generator=g)).to(dtype))
 
 
-def run_both(shape, dtype, t, tree, with_norm, seed=0):
-    """(native, per-op) results: (h or None, residual, k_cache, v_cache) each."""
+def padded_rows(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """t's values in rows `pad` elements longer than they are (a row stride the kernel must honour)."""
+    out = torch.full((t.shape[0], t.shape[1] + pad), float("nan"), dtype=t.dtype)
+    out[:, :t.shape[1]] = t
+    return out[:, :t.shape[1]]
+
+
+def run_both(shape, dtype, t, tree, with_norm, seed=0, prefix=PREFIX, decode=False, pad=0):
+    """(native, per-op) results: (h or None, residual, k_cache, v_cache) each. `decode`: a step
+    straight after the prefix with no mask (plain decoding); else 3 earlier scratch slots and a mask."""
     config = config_for(shape)
     ops = CpuOps(torch.device("cpu"))
     layer, next_norm = make_layer(shape, dtype, seed)
     block = ops.prepare_decoder_layer(layer, next_norm if with_norm else None, config)
     assert block.native is not None
-    step = make_step(config, t, dtype, tree, seed)
+    step = make_step(config, t, dtype, tree, seed, start=prefix if decode else prefix + 3, prefix_len=prefix)
+    assert (step.mask is None) == decode
     h, residual = inputs(config, t, dtype, seed + 1)
     results = []
     for per_op in (False, True):
         k_cache, v_cache = make_cache(config, dtype, seed + 2)
-        args = (block, h.clone(), residual.clone(), step, k_cache, v_cache)
+        args = (block, padded_rows(h, pad), padded_rows(residual, pad), step, k_cache, v_cache)
         with ops.step_scope(t):
             out_h, out_r = TorchOps.decoder_layer(ops, *args) if per_op else ops.decoder_layer(*args)
         results.append((out_h, out_r, k_cache, v_cache))
@@ -124,6 +135,20 @@ def run_both(shape, dtype, t, tree, with_norm, seed=0):
 @pytest.mark.parametrize("t", (1, 3, 8, 16))
 def test_equals_the_per_op_path_bit_for_bit(isa, dtype, shape, t):
     (h, r, k, v), (h_ref, r_ref, k_ref, v_ref) = run_both(shape, dtype, t, tree=t > 1, with_norm=True)
+    assert torch.equal(h, h_ref)
+    assert torch.equal(r, r_ref)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prefix", (37, 64, 130, 577))
+@pytest.mark.parametrize("t, decode", [(1, True), (6, False)], ids=["decode", "tree"])
+def test_long_prefixes_plain_decode_and_the_pool(isa, dtype, prefix, t, decode):
+    """Prefixes past the attention's 64-key blocks, a mask-free decode step, padded h / residual
+    rows, and a layer large enough for the linears and the attention to use the thread pool."""
+    (h, r, k, v), (h_ref, r_ref, k_ref, v_ref) = run_both(POOLED_SHAPE, dtype, t, tree=not decode,
+                                                          with_norm=True, prefix=prefix, decode=decode, pad=5)
+    assert h.stride(0) == POOLED_SHAPE[0] + 5  # updated in place, in the padded rows
     assert torch.equal(h, h_ref)
     assert torch.equal(r, r_ref)
     assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
@@ -206,8 +231,8 @@ def test_weights_with_wrong_shapes_are_named(prepared):
     (lambda a: {**a, "residual": a["h"]}, ValueError, "h and residual overlap"),
     (lambda a: {**a, "mask_bits": a["mask_bits"][:, :0]}, ValueError, "mask_bits must be"),
     (lambda a: {**a, "v_cache": a["v_cache"][:, :50]}, ValueError, "v_cache .* must match k_cache"),
-    (lambda a: {**a, "start": 94, "mask_bits": None}, ValueError,
-     r"start \(94\) \+ num_tokens \(4\) exceeds num_slots \(96\)"),
+    (lambda a: {**a, "start": 638, "mask_bits": None}, ValueError,
+     r"start \(638\) \+ num_tokens \(4\) exceeds num_slots \(640\)"),
     (lambda a: {**a, "prefix_len": 41}, ValueError, r"prefix_len \(41\) must be in \[0, start = 40\]"),
     (lambda a: {**a, "cos": a["cos"][:, :8]}, ValueError, "cos has shape"),
 ])

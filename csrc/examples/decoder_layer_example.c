@@ -96,12 +96,17 @@ int main(void) {
         return 1;
     }
 
-    /* A bad argument is reported by name, and nothing is written. */
+    /* A bad argument is reported by name, and nothing is written: copy 0 still equals copy 1. */
     const msd_status status = msd_decoder_layer_cpu(&layer, h[0], residual[0], T, HIDDEN, HIDDEN, cos_t, sin_t,
                                                     HEAD_DIM, k_cache[0], v_cache[0], SLOTS, SLOTS * HEAD_DIM,
                                                     HEAD_DIM, START, START + 1, mask, MSD_FLOAT32, 0);
     if (status != MSD_ERR_INVALID_ARGUMENT) {
         fprintf(stderr, "prefix_len > start was accepted (status %d)\n", (int)status);
+        return 1;
+    }
+    if (memcmp(h[0], h[1], sizeof h[0]) != 0 || memcmp(residual[0], residual[1], sizeof residual[0]) != 0 ||
+        memcmp(k_cache[0], k_cache[1], sizeof k_cache[0]) != 0 || memcmp(v_cache[0], v_cache[1], sizeof v_cache[0]) != 0) {
+        fprintf(stderr, "a rejected call wrote to its outputs\n");
         return 1;
     }
     printf("rejected as expected: %s\n", msd_last_error_message());
