@@ -58,6 +58,8 @@ class DecoderLayerWeights:
             raise ValueError(f"head_dim must be even (rotary halves), got {head_dim}")
         if not math.isfinite(rms_norm_eps) or rms_norm_eps < 0:
             raise ValueError(f"rms_norm_eps must be finite and >= 0, got {rms_norm_eps}")
+        if sm_scale is not None and not math.isfinite(sm_scale):
+            raise ValueError(f"sm_scale must be finite, got {sm_scale}")
         hidden = qkv_weight.shape[1]
         inter = down_weight.shape[-1] if down_weight.dim() == 2 else -1
         expected = {"qkv_weight": (qkv_weight, ((num_heads + 2 * num_kv_heads) * head_dim, hidden)),

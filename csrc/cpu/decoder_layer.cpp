@@ -1,8 +1,9 @@
 // msd_decoder_layer_cpu: one Llama decoder layer as a single call, for decode-sized steps.
 //
-// It runs exactly the kernels the engine's per-op path runs (linear, rope_kv_write,
-// tree_attention, add_rms_norm, silu_mul), in the same order, on the same operands, so its
-// outputs are those of the per-op path bit for bit; what it removes is the ~10 trips through
+// It runs exactly the kernels of the separate C calls (linear, rope_kv_write, tree_attention,
+// add_rms_norm, silu_mul), in the same order, on the same operands, so its outputs are theirs bit
+// for bit (the engine's per-op path for decode-sized steps; past 16 rows that path switches to
+// torch's GEMMs and elementwise ops, and the engine to it). What it removes is the ~10 trips through
 // Python per layer and the torch temporaries between them. Measured on SmolLM2-135M (2-core
 // Xeon, bfloat16): those trips cost ~3 ms of a ~15 ms decode step, and the gaps they leave
 // between linear calls let the thread pool's workers fall asleep during tree verification.

@@ -27,7 +27,9 @@
 
 #include "cpu/avx512.h"
 
-#define MSD_AMX __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
+// A superset of MSD_AVX512 (avx512.h), so that its helpers inline here; the AMX path is only
+// taken where the AVX-512 one (which needs FMA and F16C too) is available.
+#define MSD_AMX __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma,amx-tile,amx-bf16")))
 
 namespace msd::cpu {
 namespace {

@@ -304,8 +304,9 @@ typedef struct {
  * so the results equal those of the separate calls bit for bit. cos / sin [T, head_dim] share
  * table_row_stride; k_cache / v_cache [num_kv_heads, num_slots, head_dim] share the head and
  * slot strides; 0 <= prefix_len <= start and start + T <= num_slots; mask_bits as for
- * msd_tree_attention_cpu (NULL: every region slot visible). Linears and attention run on the
- * thread pool as msd_linear_cpu describes (`num_threads`). On failure (a bad argument, or
+ * msd_tree_attention_cpu (NULL: every region slot visible). The linears run on the thread pool
+ * as msd_linear_cpu describes (`num_threads`), the attention as msd_tree_attention_cpu does, the
+ * rest on the calling thread. On failure (a bad argument, or
  * MSD_ERR_OUT_OF_MEMORY for the scratch) nothing has been written when the arguments are at
  * fault; an allocation failure midway may leave h, residual and the cache slots partly written. */
 msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* residual,

@@ -72,8 +72,8 @@ class CpuOps(TorchOps):
                                          layer.gate_up_proj, layer.down_proj, next_norm,
                                          num_heads=block.num_heads, num_kv_heads=block.num_kv_heads,
                                          head_dim=block.head_dim, rms_norm_eps=block.rms_norm_eps)
-        except (TypeError, ValueError):
-            native = None  # e.g. strided weights: the per-op path takes them
+        except (TypeError, ValueError, AttributeError):
+            native = None  # e.g. strided weights, or a _C built before the layer call: per-op path
         return CpuDecoderBlock(**vars(block), native=native)
 
     def decoder_layer(self, block, h, residual, step, k_cache, v_cache):
@@ -82,7 +82,8 @@ class CpuOps(TorchOps):
         # SmolLM2 bfloat16 step, and the gaps they left between linear calls let the pool's
         # workers fall asleep in tree verification (measured: 8-row step 22.6 -> 19.2 ms with
         # workers kept awake). Larger steps (prefill) keep the per-op path and torch's GEMMs.
-        if block.native is None or h.shape[0] > SKINNY_ROWS:
+        if (block.native is None or h.shape[0] > SKINNY_ROWS or h.stride(-1) != 1
+                or residual.stride(-1) != 1):
             return super().decoder_layer(block, h, residual, step, k_cache, v_cache)
         decoder_layer(block.native, h, residual, step.cos, step.sin, k_cache, v_cache, step.start,
                       step.prefix_len, step.mask_bits)

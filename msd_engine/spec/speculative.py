@@ -125,6 +125,8 @@ def speculative_decode(model: LlavaModel, cache: KVCache, drafter: Drafter, inpu
 def _speculate_round(model: LlavaModel, cache: KVCache, drafter: Drafter, root: int, sampler: Sampler,
                      params: TreeParams, stats: SpecStats, timer: _Timer) -> list[int]:
     # The round in the backend's scope for its size, acceptance included (see generation.decode).
+    # (On the CPU a round of <= 16 tree tokens pins torch to one thread; its inner steps are no
+    # larger. A larger tree leaves the scope to each step.)
     with torch.inference_mode(), model.text.ops.step_scope(params.total_tokens):
         tree = drafter.draft(root, params)
         stats.draft_ms += timer.lap()

@@ -38,21 +38,21 @@ def cache_file() -> Path:
     return Path(root) / "tune.json"
 
 
-# Raised when a change to the engine moves what drafting or verifying costs, so that trees tuned
-# before it are measured again (2: one native call per CPU decoder layer).
-COST_REVISION = 2
+# Raised when a change to the engine moves what drafting or verifying costs on the CPU, so that
+# trees tuned before it are measured again (2: one native call per CPU decoder layer).
+CPU_COST_REVISION = 2
 
 
 def device_key(device: torch.device) -> str:
     """The device as the tuning cache tells them apart. On the CPU this includes the native kernels'
     SIMD path: it sets what a verified row costs (a 16-row bfloat16 linear costs 1.1-1.8x a 1-row one
     on AMX, 2.4-3.9x on the AVX-512 path, `bench_cpu_linear.py --isas`), so a tree tuned on one path
-    is not the best on another. Keys also carry COST_REVISION."""
+    is not the best on another. CPU keys also carry CPU_COST_REVISION."""
     if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}:r{COST_REVISION}"
+        return f"cuda:{torch.cuda.get_device_name(device)}"
     isa = f":{native.cpu_isa()}" if native.is_built() else ""
     return (f"cpu:{platform.processor() or platform.machine()}{isa}:{torch.get_num_threads()}threads"
-            f":r{COST_REVISION}")
+            f":r{CPU_COST_REVISION}")
 
 
 def model_key(config: ModelConfig, dtype: torch.dtype) -> str:
@@ -96,6 +96,7 @@ def tune_tree(engine, prompts, trees, max_new_tokens: int = 64) -> tuple[TreePar
     if not prompts:
         raise ValueError("tune_tree needs at least one prompt")
     loaded = engine.tree
+    trees = tuple(trees)
     steps, seconds = dict.fromkeys(trees, 0), dict.fromkeys(trees, 0.0)
     try:
         engine.generate(prompts[0][0], image=prompts[0][1], max_new_tokens=8, speculative=True)  # warm-up
