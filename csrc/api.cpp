@@ -387,7 +387,7 @@ msd_status check_decoder_layer(const msd_decoder_layer* layer, void* h, void* re
                          static_cast<long long>(prefix_len), static_cast<long long>(start));
     }
     CHECK_ARG(check_dtype(dtype));
-    const int64_t element = dtype == MSD_FLOAT32 ? 4 : 2;
+    const int64_t element = dtype_bytes(dtype);
     const int64_t rows_bytes_h = ((num_tokens - 1) * h_row_stride + layer->hidden) * element;
     const int64_t rows_bytes_r = ((num_tokens - 1) * residual_row_stride + layer->hidden) * element;
     if (overlaps(h, rows_bytes_h, residual, rows_bytes_r)) {

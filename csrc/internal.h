@@ -15,6 +15,9 @@ msd_status set_error(msd_status status, const char* format, ...)
     ;
 void clear_error();
 
+// Bytes per element of `dtype` (float32: 4; float16, bfloat16: 2).
+inline int64_t dtype_bytes(msd_dtype dtype) { return dtype == MSD_FLOAT32 ? 4 : 2; }
+
 // One msd_draft_inputs_* call after api.cpp's checks (semantics in msd_engine.h). Strides are
 // in elements; `bypass` is false whenever is_image is null.
 struct DraftInputs {
@@ -92,6 +95,9 @@ msd_status add_rms_norm(const void* x, void* residual, const void* weight, void*
                         int64_t rows, int64_t dim, int64_t x_row_stride,
                         int64_t residual_row_stride, int64_t out_row_stride, float eps,
                         msd_dtype dtype);
+// residual += x per row, rounded to dtype (add_rms_norm's add, without the norm).
+msd_status add_residual(const void* x, void* residual, int64_t rows, int64_t dim,
+                        int64_t x_row_stride, int64_t residual_row_stride, msd_dtype dtype);
 msd_status silu_mul(const void* gate_up, void* out, int64_t rows, int64_t inter,
                     int64_t gate_up_row_stride, int64_t out_row_stride, msd_dtype dtype);
 msd_status linear(const void* x, const void* weight, const void* bias, void* out, int64_t m,

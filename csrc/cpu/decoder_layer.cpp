@@ -14,26 +14,10 @@
 #include <vector>
 
 #include "cpu/buffer.h"
-#include "cpu/dtype.h"
 #include "internal.h"
 
 namespace msd::cpu {
 namespace {
-
-// residual[i] = round_dtype(residual[i] + x[i]) for a [rows, dim] block (x contiguous).
-template <class D>
-void add_rows(const void* x, void* residual, int64_t rows, int64_t dim, int64_t residual_row_stride) {
-    using T = typename D::T;
-    const T* xs = static_cast<const T*>(x);
-    T* rs = static_cast<T*>(residual);
-    for (int64_t i = 0; i < rows; ++i) {
-        T* r = rs + i * residual_row_stride;
-        const T* a = xs + i * dim;
-        for (int64_t j = 0; j < dim; ++j) r[j] = D::store(D::load(r[j]) + D::load(a[j]));
-    }
-}
-
-size_t element_size(msd_dtype dtype) { return dtype == MSD_FLOAT32 ? 4 : 2; }
 
 // Offsets are rounded up to a cache line, so that no two intermediates share one.
 int64_t align_bytes(int64_t bytes) { return (bytes + 63) / 64 * 64; }
@@ -45,7 +29,7 @@ msd_status decoder_layer(const msd_decoder_layer& w, const DecoderStep& s, msd_d
     const int64_t t = s.num_tokens;
     const int64_t qkv_width = (w.num_heads + 2 * w.num_kv_heads) * w.head_dim;
     const int64_t attn_width = w.num_heads * w.head_dim;
-    const int64_t bytes = static_cast<int64_t>(element_size(dtype));
+    const int64_t bytes = dtype_bytes(dtype);
     // Scratch: qkv [T, qkv_width] | attention out [T, attn_width] | out [T, hidden] |
     // gate_up [T, 2F] | activation [T, F].
     const int64_t sizes[] = {t * qkv_width, t * attn_width, t * w.hidden, t * 2 * w.intermediate,
@@ -103,9 +87,7 @@ msd_status decoder_layer(const msd_decoder_layer& w, const DecoderStep& s, msd_d
         return add_rms_norm(out, s.residual, w.next_norm, s.h, t, w.hidden, w.hidden,
                             s.residual_row_stride, s.h_row_stride, w.rms_norm_eps, dtype);
     }
-    return dispatch_dtype(dtype, [&](auto tag) {
-        add_rows<decltype(tag)>(out, s.residual, t, w.hidden, s.residual_row_stride);
-    });
+    return add_residual(out, s.residual, t, w.hidden, w.hidden, s.residual_row_stride, dtype);
 }
 
 }  // namespace msd::cpu

@@ -15,13 +15,12 @@
 namespace msd::cpu {
 namespace {
 
-int64_t element_bytes(msd_dtype dtype) { return dtype == MSD_FLOAT32 ? 4 : 2; }
 
 bool bypassed(const DraftInputs& a, int64_t t) { return a.bypass && a.is_image[t] != 0; }
 
 // The first H inputs of row t (image row, embed[0] or the token's embedding), in dtype.
 const unsigned char* source_row(const DraftInputs& a, int64_t t) {
-    const int64_t bytes = element_bytes(a.dtype);
+    const int64_t bytes = dtype_bytes(a.dtype);
     const bool image = a.is_image != nullptr && a.is_image[t] != 0;
     if (image && a.image_rows != nullptr) {
         return static_cast<const unsigned char*>(a.image_rows) + t * a.image_rows_row_stride * bytes;
@@ -35,7 +34,7 @@ const unsigned char* source_row(const DraftInputs& a, int64_t t) {
 msd_status draft_inputs(const DraftInputs& a, int num_threads) {
     const int64_t hidden = a.hidden;
     const int64_t width = 2 * hidden;
-    const int64_t bytes = element_bytes(a.dtype);
+    const int64_t bytes = dtype_bytes(a.dtype);
     const int64_t row_bytes = hidden * bytes;
     auto* out = static_cast<unsigned char*>(a.out);
 

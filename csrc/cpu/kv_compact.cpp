@@ -11,7 +11,7 @@ namespace msd::cpu {
 
 msd_status kv_compact(void* arena, int64_t planes, int64_t max_slots, int64_t head_dim,
                       int64_t start, const int64_t* nodes, int64_t num_nodes, msd_dtype dtype) {
-    const int64_t slot_bytes = head_dim * (dtype == MSD_FLOAT32 ? 4 : 2);
+    const int64_t slot_bytes = head_dim * dtype_bytes(dtype);
     auto* bytes = static_cast<unsigned char*>(arena);
     for (int64_t plane = 0; plane < planes; ++plane) {
         unsigned char* base = bytes + (plane * max_slots + start) * slot_bytes;

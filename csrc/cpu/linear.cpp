@@ -138,7 +138,7 @@ msd_status set_isa(int isa) {
 static void run_linear(const LinearKernels& kernels, const LinearArgs& args, int64_t n,
                        msd_dtype dtype, int num_threads) {
     const int threads = thread_count(n, args.k, num_threads);
-    const int64_t row_bytes = args.k * (dtype == MSD_FLOAT32 ? 4 : 2);
+    const int64_t row_bytes = args.k * dtype_bytes(dtype);
     Job job{args, kernels.rows[dtype], n, chunk_columns(n, row_bytes, threads)};
     run_chunks(threads, (n + job.chunk_columns - 1) / job.chunk_columns,
                n * row_bytes >= kWakeMinBytes, run_chunk, &job);

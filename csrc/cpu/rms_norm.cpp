@@ -30,6 +30,12 @@ void normalize_row(const typename D::T* x, const typename D::T* weight, typename
     }
 }
 
+// r[j] = round_dtype(r[j] + x[j]): `residual += x` in dtype.
+template <class D>
+void add_row(const typename D::T* x, typename D::T* r, int64_t dim) {
+    for (int64_t j = 0; j < dim; ++j) r[j] = D::store(D::load(r[j]) + D::load(x[j]));
+}
+
 template <class D>
 void rms_norm_rows(const void* x, const void* weight, void* out, int64_t rows, int64_t dim,
                    int64_t x_row_stride, int64_t out_row_stride, float eps) {
@@ -57,7 +63,7 @@ void add_rms_norm_rows(const void* x, void* residual, const void* weight, void* 
     for (int64_t i = 0; i < rows; ++i) {
         const T* x_row = xs + i * x_row_stride;
         T* r_row = rs + i * residual_row_stride;
-        for (int64_t j = 0; j < dim; ++j) r_row[j] = D::store(D::load(r_row[j]) + D::load(x_row[j]));
+        add_row<D>(x_row, r_row, dim);
         normalize_row<D>(r_row, w, os + i * out_row_stride, dim, inverse_rms<D>(r_row, dim, eps));
     }
 }
@@ -78,6 +84,18 @@ msd_status add_rms_norm(const void* x, void* residual, const void* weight, void*
     return dispatch_dtype(dtype, [&](auto tag) {
         add_rms_norm_rows<decltype(tag)>(x, residual, weight, out, rows, dim, x_row_stride,
                                          residual_row_stride, out_row_stride, eps);
+    });
+}
+
+msd_status add_residual(const void* x, void* residual, int64_t rows, int64_t dim,
+                        int64_t x_row_stride, int64_t residual_row_stride, msd_dtype dtype) {
+    return dispatch_dtype(dtype, [&](auto tag) {
+        using D = decltype(tag);
+        using T = typename D::T;
+        for (int64_t i = 0; i < rows; ++i) {
+            add_row<D>(static_cast<const T*>(x) + i * x_row_stride,
+                       static_cast<T*>(residual) + i * residual_row_stride, dim);
+        }
     });
 }
 

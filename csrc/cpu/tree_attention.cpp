@@ -158,8 +158,8 @@ void key_block(const Job& job, Scratch& w, int64_t kv_head, int rows, int64_t sl
 // keys in slot order) and walks them in blocks of kBlockKeys, as an unmasked step would. The
 // rows of one query (its heads in this kv group: rows m, m + num_queries, ...) see the same keys,
 // so they go through the micro-kernels together, which compute each row as they would alone.
-// (One row per call left 3 of the AVX-512 kernels' 4-row register block idle: with 3 heads per
-// kv head the tail took ~4x its arithmetic.)
+// (One row per call made the AVX-512 kernels compute their whole 4-row register block for it: 4x
+// the tail's arithmetic. SmolLM2 shapes, 8 tree rows, 100 cached tokens: 63 -> 41 us a layer.)
 void attend_dense_tail(const Job& job, Scratch& w, int64_t kv_head, int64_t row0, int rows,
                        int64_t tail_start) {
     const AttentionKernels& kernels = *job.kernels.attention;
