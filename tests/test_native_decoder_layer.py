@@ -125,9 +125,32 @@ def run_both(shape, dtype, t, tree, with_norm, seed=0, prefix=PREFIX, decode=Fal
         k_cache, v_cache = make_cache(config, dtype, seed + 2)
         args = (block, padded_rows(h, pad), padded_rows(residual, pad), step, k_cache, v_cache)
         with ops.step_scope(t):
-            out_h, out_r = TorchOps.decoder_layer(ops, *args) if per_op else ops.decoder_layer(*args)
+            if per_op:  # CpuOps' native kernels, one call per op
+                out_h, out_r = TorchOps.decoder_layer(ops, *args)
+            else:  # the layer call itself, not CpuOps' dispatch (which may fall back to the above)
+                out_h, out_r = args[1], args[2]
+                decoder_layer(block.native, out_h, out_r, step.cos, step.sin, k_cache, v_cache,
+                              step.start, step.prefix_len, step.mask_bits)
+                out_h = out_h if with_norm else None
         results.append((out_h, out_r, k_cache, v_cache))
     return results
+
+
+@pytest.mark.parametrize("t, native_calls", [(1, 1), (16, 1), (17, 0)])
+def test_cpu_ops_runs_skinny_steps_through_the_layer_call(monkeypatch, t, native_calls):
+    import msd_engine.ops.cpu_ops as cpu_ops
+
+    calls = []
+    monkeypatch.setattr(cpu_ops, "decoder_layer", lambda *a: calls.append(a) or decoder_layer(*a))
+    config = config_for(SHAPES[0])
+    ops = CpuOps(torch.device("cpu"))
+    layer, next_norm = make_layer(SHAPES[0], torch.float32, 0)
+    block = ops.prepare_decoder_layer(layer, next_norm, config)
+    step = make_step(config, t, torch.float32, True, 0)
+    h, residual = inputs(config, t, torch.float32, 1)
+    k_cache, v_cache = make_cache(config, torch.float32, 2)
+    ops.decoder_layer(block, h, residual, step, k_cache, v_cache)
+    assert len(calls) == native_calls
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
