@@ -106,7 +106,10 @@ def decoder_layer(weights: DecoderLayerWeights, h: torch.Tensor, residual: torch
     `mask_bits` (int32 [T, ceil(region / 32)] from `pack_mask`, region = start + T - prefix_len;
     None: all), the rest up to start + T. cos / sin [T, D] at the tokens' positions."""
     dtype = weights.dtype
-    t = h.shape[0] if isinstance(h, torch.Tensor) and h.dim() == 2 else -1
+    if not isinstance(h, torch.Tensor) or h.dim() != 2:
+        raise ValueError(f"h must be a [T, {weights.hidden}] tensor, got "
+                         f"{tuple(getattr(h, 'shape', ())) or type(h).__name__}")
+    t = h.shape[0]
     h_stride = _check_rows(h, "h", t, weights.hidden, dtype)
     r_stride = _check_rows(residual, "residual", t, weights.hidden, dtype)
     table_stride = _check_rows(cos, "cos", t, weights.head_dim, dtype)
@@ -124,7 +127,8 @@ def decoder_layer(weights: DecoderLayerWeights, h: torch.Tensor, residual: torch
         raise ValueError(f"v_cache (shape {tuple(v_cache.shape)}, strides {v_cache.stride()}) must "
                          f"match k_cache (shape {tuple(k_cache.shape)}, strides {k_cache.stride()})")
     _check_index(start, "start", 0)
-    _check_index(prefix_len, "prefix_len", 0)
+    if _check_index(prefix_len, "prefix_len", 0) > start:  # before mask_bits, whose shape needs it
+        raise ValueError(f"prefix_len ({prefix_len}) must be in [0, start = {start}]")
     mask_ptr = 0
     if mask_bits is not None:
         words = (start + t - prefix_len + 31) // 32

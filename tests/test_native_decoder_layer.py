@@ -250,6 +250,8 @@ def test_weights_with_wrong_shapes_are_named(prepared):
 
 @pytest.mark.parametrize("change, error, message", [
     (lambda a: {**a, "h": a["h"].double()}, TypeError, "h is torch.float64"),
+    (lambda a: {**a, "h": a["h"][0]}, ValueError, r"h must be a \[T, 96\] tensor, got \(96,\)"),
+    (lambda a: {**a, "prefix_len": 45}, ValueError, r"prefix_len \(45\) must be in \[0, start = 40\]"),
     (lambda a: {**a, "residual": a["residual"][:3]}, ValueError, r"residual has shape \(3, 96\)"),
     (lambda a: {**a, "residual": a["h"]}, ValueError, "h and residual overlap"),
     (lambda a: {**a, "mask_bits": a["mask_bits"][:, :0]}, ValueError, "mask_bits must be"),
