@@ -104,6 +104,44 @@ def test_silu_mul_every_simd_path(isa, dtype):
         native.set_cpu_isa(None)
 
 
+def _norms_on(isa, x, residual, weight):
+    native.set_cpu_isa(isa)
+    r = residual.clone()
+    return native.rms_norm(x, weight, EPS), native.add_rms_norm(x, r, weight, EPS), r
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_every_simd_path_gives_the_same_bits(dtype):
+    """The AVX-512 row functions sum the squares in the scalar loop's order (16 partial sums in
+    double, combined pairwise) and round as it does: the same bits on every SIMD path, for odd
+    widths (masked tails), wide dynamic ranges and inf / NaN rows; and within tolerance of torch."""
+    torch.manual_seed(11)
+    cases = [(rows, dim) for rows, dim in [(1, 1), (3, 17), (8, 576), (2, 4096 + 3), (4, 31)]]
+    try:
+        for rows, dim in cases:
+            x = (torch.randn(rows, dim) * torch.logspace(-3, 3, dim)).to(dtype)  # fits float16
+            residual = torch.randn(rows, dim).to(dtype)
+            weight = random_weight(dim, dtype, "cpu")
+            if rows == 4:
+                x[1, 3], x[2, 5], x[3, 0] = float("inf"), float("nan"), 0.0
+                x[3] = 0.0  # an all-zero row: 0 * rsqrt(eps)
+            scalar = _norms_on("scalar", x, residual, weight)
+            for isa in native.CPU_ISAS[1:]:
+                try:
+                    outputs = _norms_on(isa, x, residual, weight)
+                except ValueError:
+                    continue  # this CPU or build cannot run the path
+                for got, want in zip(outputs, scalar):
+                    assert torch.equal(got.isnan(), want.isnan()), (isa, rows, dim)
+                    assert torch.equal(got.nan_to_num(), want.nan_to_num()), (isa, rows, dim)
+            if rows != 4:
+                assert max_ulps(scalar[0], rms_norm_ref(x, weight, EPS)) <= MAX_ULPS[dtype]
+                assert_error_bounded(scalar[0], rms_norm_ref(x, weight, EPS),
+                                     rms_norm_exact(x, weight, EPS))
+    finally:
+        native.set_cpu_isa(None)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_silu_mul_extremes(device, dtype):

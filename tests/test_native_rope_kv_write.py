@@ -105,6 +105,28 @@ def test_in_place_and_separate_k_v(dtype):
     assert torch.equal(arena.nan_to_num(), expected_arena.nan_to_num())
 
 
+@pytest.mark.parametrize("isa", native.CPU_ISAS if native.is_built() else ())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_simd_path_matches_torch_bit_for_bit(isa, dtype):
+    """The scalar loop and the AVX-512 one (16 pairs at a time, masked tails for half a head
+    under 16 or not a multiple of it), in place too."""
+    try:
+        native.set_cpu_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU or build cannot run the {isa} path")
+    try:
+        for t, shape in [(1, (9, 3, 64)), (8, (9, 3, 64)), (5, (6, 2, 40)), (3, (3, 1, 2)),
+                         (2, (4, 4, 66))]:
+            step = make_step(t, shape, dtype, seed=t * 7 + shape[2])
+            assert_step_matches(step, *run(step, native_kernel=True))
+            expected_q, _ = run(step, native_kernel=False)
+            q = step.q.clone()
+            q_rot, _ = run(step._replace(q=q), native_kernel=True, out=q)
+            assert q_rot is q and torch.equal(q, expected_q)
+    finally:
+        native.set_cpu_isa(None)
+
+
 def test_last_slots_and_empty_step():
     step = make_step(4, (4, 4, 64), torch.float32, seed=2, start=SLOTS - 4)
     assert_step_matches(step, *run(step, native_kernel=True))

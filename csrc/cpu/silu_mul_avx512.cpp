@@ -16,11 +16,10 @@
 
 #include "cpu/avx512.h"
 #include "cpu/dtype.h"
+#include "cpu/lanes_avx512.h"
 
 namespace msd::cpu {
 namespace {
-
-constexpr int kLanes = 16;
 
 MSD_AVX512 inline __m512 exp_ps(__m512 x) {
     // exp underflows to 0 below -104 and overflows to inf above 88.8: clamping there keeps n and r
@@ -43,45 +42,6 @@ MSD_AVX512 inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// Storage traits for 16 lanes: load widens to float32 (masked lanes read as 0), store rounds to
-// nearest even as the scalar D::store does (NaN stays a quiet NaN).
-template <class D>
-struct Lanes;
-template <>
-struct Lanes<Float32> {
-    MSD_AVX512 static __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-    MSD_AVX512 static void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-    MSD_AVX512 static __m512 round(__m512 v) { return v; }
-};
-template <>
-struct Lanes<Float16> {
-    MSD_AVX512 static __m512 load(const uint16_t* p, __mmask16 m) {
-        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-    }
-    MSD_AVX512 static __m256i pack(__m512 v) {
-        return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    }
-    MSD_AVX512 static void store(uint16_t* p, __m512 v, __mmask16 m) {
-        _mm256_mask_storeu_epi16(p, m, pack(v));
-    }
-    MSD_AVX512 static __m512 round(__m512 v) { return _mm512_cvtph_ps(pack(v)); }
-};
-template <>
-struct Lanes<BFloat16> {
-    MSD_AVX512 static __m512 load(const uint16_t* p, __mmask16 m) {
-        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-    }
-    // The bfloat16 bits in the low half of each 32-bit lane.
-    MSD_AVX512 static __m512i pack(__m512 v) { return bfloat16_bits(v); }
-    MSD_AVX512 static void store(uint16_t* p, __m512 v, __mmask16 m) {
-        _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(pack(v)));
-    }
-    MSD_AVX512 static __m512 round(__m512 v) {
-        return _mm512_castsi512_ps(_mm512_slli_epi32(pack(v), 16));
-    }
-};
-
 template <class D>
 MSD_AVX512 void rows(const void* gate_up, void* out, int64_t rows, int64_t inter,
                      int64_t gate_up_row_stride, int64_t out_row_stride) {
@@ -92,9 +52,7 @@ MSD_AVX512 void rows(const void* gate_up, void* out, int64_t rows, int64_t inter
         const T* up = gate + inter;
         T* o = static_cast<T*>(out) + i * out_row_stride;
         for (int64_t j = 0; j < inter; j += kLanes) {
-            const __mmask16 m = inter - j >= kLanes
-                                    ? static_cast<__mmask16>(0xffff)
-                                    : static_cast<__mmask16>((1u << (inter - j)) - 1u);
+            const __mmask16 m = lane_mask(inter - j);
             const __m512 g = L::load(gate + j, m);
             // torch's silu formula, x / (1 + exp(-x)), rounded to dtype before the product.
             const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
