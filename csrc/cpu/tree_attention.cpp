@@ -40,8 +40,11 @@ constexpr int kBlockRows = kAttentionBlockRows;
 constexpr int kMinBlockRows = 4;  // the AVX-512 kernels' register block
 constexpr float kLog2e = 1.4426950408889634f;
 // Work is counted in multiply-adds of the two products, rows * keys * head_dim. Below this a
-// call takes ~20 us on one core, not much more than handing chunks to a worker costs.
-constexpr int64_t kMinParallelWork = int64_t{1} << 19;
+// call takes a few microseconds; above it the second core pays off even when the call's tasks
+// split unevenly (3 kv heads on 2 threads). Measured inside the layer call (SmolLM2, bfloat16,
+// the pool's worker still spinning from the linear before): one query row, 150 / 250 / 400
+// cached keys, 20 / 36 / 52 -> 15 / 24 / 38 us a layer; 4 rows over 150 keys, 35 -> 23 us.
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 // A sleeping worker is woken only for calls this large (~1 ms): see linear.cpp's kWakeMinBytes.
 constexpr int64_t kWakeMinWork = int64_t{1} << 24;
 constexpr int kMaxThreads = 256;
