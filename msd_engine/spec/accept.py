@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from msd_engine.sampling import argmax_rows
 from msd_engine.spec.tree import DraftTree
 
 # coin(prob) -> True with probability prob (a 0-d float tensor); draw(p) -> a token ~ p [V].
@@ -31,7 +32,7 @@ def accept_greedy(tree: DraftTree, target_logits: Tensor) -> tuple[list[int], in
     path prefix. Returns (accepted nodes starting with 0, argmax at the last accepted node).
     """
     _check_rows(tree, target_logits, "target_logits")
-    best = target_logits.argmax(dim=-1).tolist()  # [T]; first maximum, as greedy decoding
+    best = argmax_rows(target_logits)  # [T]; first maximum, as greedy decoding
     tokens = tree.tokens.tolist()
     node, accepted = 0, [0]
     while True:
