@@ -318,8 +318,9 @@ msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* 
                                  const int32_t* mask_bits, msd_dtype dtype, int num_threads);
 
 /* How long the CPU thread pool's idle workers poll for work before they sleep, in [0, 10^6]
- * microseconds (default 100: covers the gaps between the linear calls of one decode step, so
- * workers stay awake through a step and sleep between steps). Lower it when other threads
+ * microseconds (default 1000: covers the gaps between the calls of a decode step or of a
+ * speculative round, Python's tree work included, so workers stay awake while the engine
+ * generates and sleep 1 ms after it stops). Lower it when other threads
  * (torch's) need the cores between our calls; 0 sleeps at once. Process-wide. */
 msd_status msd_set_cpu_spin_us(int microseconds);
 
