@@ -20,7 +20,8 @@ from msd_engine.ops.torch_ops import TorchOps
 pytestmark = pytest.mark.skipif(not native.is_built(), reason="needs msd_engine._C")
 
 if native.is_built():
-    from msd_engine.native_decoder import DecoderLayerWeights, decoder_layer
+    from msd_engine.kv_cache import KVCache
+    from msd_engine.native_decoder import DecoderLayerWeights, decoder_layer, decoder_layers
     from msd_engine.ops.cpu_ops import CpuOps
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -151,6 +152,72 @@ def test_cpu_ops_runs_skinny_steps_through_the_layer_call(monkeypatch, t, native
     k_cache, v_cache = make_cache(config, torch.float32, 2)
     ops.decoder_layer(block, h, residual, step, k_cache, v_cache)
     assert len(calls) == native_calls
+
+
+def model_step(dtype, t: int, layers: int = 3, seed: int = 0):
+    """(ops, blocks, step, h, residual, a KVCache with random history) for `layers` layers, the last
+    one's next norm the final norm, as LlamaModel builds them."""
+    config = config_for(SHAPES[0])
+    ops = CpuOps(torch.device("cpu"))
+    made = [make_layer(SHAPES[0], dtype, seed + i) for i in range(layers)]
+    next_norms = [layer.input_norm for layer, _ in made[1:]] + [made[-1][1]]
+    blocks = [ops.prepare_decoder_layer(layer, norm, config) for (layer, _), norm in zip(made, next_norms)]
+    cache = KVCache(layers, config.num_kv_heads, SLOTS, config.head_dim, dtype, torch.device("cpu"))
+    cache.arena.copy_(torch.randn(cache.arena.shape, generator=torch.Generator().manual_seed(seed)).to(dtype))
+    step = make_step(config, t, dtype, tree=t > 1, seed=seed)
+    h, residual = inputs(config, t, dtype, seed + 1)
+    return ops, blocks, step, h, residual, cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("t", (1, 6))
+def test_layers_in_one_go_equal_the_per_op_path_layer_by_layer(dtype, t):
+    """CpuOps.decoder_layers (checks once, one native call per layer) against the per-op path
+    run layer after layer: h, residual and every layer's cache, bit for bit."""
+    ops, blocks, step, h, residual, cache = model_step(dtype, t)
+    _, layers, kv_heads, slots, head_dim = cache.arena.shape
+    ref_cache = KVCache(layers, kv_heads, slots, head_dim, dtype, torch.device("cpu"))
+    ref_cache.arena.copy_(cache.arena)
+    with ops.step_scope(t):
+        out_h, out_r = ops.decoder_layers(blocks, h.clone(), residual.clone(), step, cache)
+        ref_h, ref_r = h.clone(), residual.clone()
+        for i, block in enumerate(blocks):
+            ref_h, ref_r = TorchOps.decoder_layer(ops, block, ref_h, ref_r, step, *ref_cache.layer(i))
+    assert torch.equal(out_h, ref_h) and torch.equal(out_r, ref_r)
+    assert torch.equal(cache.arena, ref_cache.arena)
+
+
+@pytest.mark.parametrize("t, native_calls", [(1, 3), (16, 3), (17, 0)])
+def test_cpu_ops_runs_a_skinny_steps_layers_through_one_checked_call(monkeypatch, t, native_calls):
+    import msd_engine.ops.cpu_ops as cpu_ops
+
+    calls = []
+    monkeypatch.setattr(cpu_ops, "decoder_layers", lambda layers, *a: calls.extend(layers) or decoder_layers(layers, *a))
+    ops, blocks, step, h, residual, cache = model_step(torch.float32, t)
+    ops.decoder_layers(blocks, h, residual, step, cache)
+    assert len(calls) == native_calls
+
+
+def test_layers_whose_caches_differ_are_named_and_nothing_is_written():
+    ops, blocks, step, h, residual, cache = model_step(torch.float32, 4)
+    natives = [block.native for block in blocks]
+    keys, values = list(cache.keys), list(cache.values)
+    before = (h.clone(), residual.clone(), cache.arena.clone())
+    args = (h, residual, step.cos, step.sin)
+    tail = (step.start, step.prefix_len, step.mask_bits)
+    with pytest.raises(ValueError, match="3 layers need as many k_caches and v_caches, got 2 and 3"):
+        decoder_layers(natives, *args, keys[:2], values, *tail)
+    with pytest.raises(ValueError, match=r"v_cache of layer 2 \(shape \(2, 100, 16\).* must match k_cache of layer 0"):
+        decoder_layers(natives, *args, keys, values[:2] + [values[2][:, :100]], *tail)
+    with pytest.raises(ValueError, match=r"k_cache of layer 1 .* must match"):
+        decoder_layers(natives, *args, [keys[0], keys[1].double(), keys[2]], values, *tail)
+    with pytest.raises(TypeError, match=r"layers\[1\] must be DecoderLayerWeights, got NoneType"):
+        decoder_layers([natives[0], None, natives[2]], *args, keys, values, *tail)
+    other = model_step(torch.float16, 4)[1][0].native
+    with pytest.raises(ValueError, match=r"layers\[2\] \(torch.float16, .*differs from layers\[0\]"):
+        decoder_layers(natives[:2] + [other], *args, keys, values, *tail)
+    assert torch.equal(h, before[0]) and torch.equal(residual, before[1])
+    assert torch.equal(cache.arena, before[2])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

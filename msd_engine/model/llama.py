@@ -73,8 +73,7 @@ class LlamaModel:
         ops, cfg = self.ops, self.config
         residual = x.clone()  # backends may accumulate into the residual in place; x stays the caller's
         h = ops.rms_norm(x, self.layers[0].input_norm, cfg.rms_norm_eps)
-        for i, block in enumerate(self.blocks):
-            h, residual = ops.decoder_layer(block, h, residual, step, *cache.layer(i))
+        h, _ = ops.decoder_layers(self.blocks, h, residual, step, cache)
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

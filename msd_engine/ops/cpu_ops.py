@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from msd_engine import native
 from msd_engine.kv_cache import pack_mask
-from msd_engine.native_decoder import DecoderLayerWeights, decoder_layer
+from msd_engine.native_decoder import DecoderLayerWeights, decoder_layer, decoder_layers
 from msd_engine.ops.torch_ops import DecoderBlock, TorchOps
 
 SKINNY_ROWS = 16  # up to this many rows the native kernel streams the weight once
@@ -88,6 +88,17 @@ class CpuOps(TorchOps):
         decoder_layer(block.native, h, residual, step.cos, step.sin, k_cache, v_cache, step.start,
                       step.prefix_len, step.mask_bits)
         return (None if block.next_norm is None else h), residual
+
+    def decoder_layers(self, blocks, h, residual, step, cache):
+        # A skinny step's layers as `decoder_layer` runs them, with what they share checked once
+        # (~0.2 ms of Python per 30-layer step otherwise).
+        if (h.shape[0] > SKINNY_ROWS or h.stride(-1) != 1 or residual.stride(-1) != 1
+                or any(block.native is None for block in blocks)):
+            return super().decoder_layers(blocks, h, residual, step, cache)
+        decoder_layers([block.native for block in blocks], h, residual, step.cos, step.sin,
+                       cache.keys[:len(blocks)], cache.values[:len(blocks)], step.start,
+                       step.prefix_len, step.mask_bits)
+        return (None if blocks and blocks[-1].next_norm is None else h), residual
 
     def attention(self, q, k_cache, v_cache, step):
         # The step's mask is bit-packed once (StepState.mask_bits) and shared by every layer.

@@ -94,6 +94,14 @@ class TorchOps:
             return None, residual + mlp_out
         return self.add_rms_norm(mlp_out, residual, block.next_norm, eps)
 
+    def decoder_layers(self, blocks, h: torch.Tensor, residual: torch.Tensor, step,
+                       cache) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """`decoder_layer` for every block in order, block i on `cache.layer(i)` (a KVCache):
+        returns what the last one returns. Kernel backends may run the layers in one go."""
+        for i, block in enumerate(blocks):
+            h, residual = self.decoder_layer(block, h, residual, step, *cache.layer(i))
+        return h, residual
+
     # ---- rotary embedding and cache ----------------------------------------------------------
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, heads, D]; cos/sin [T, D] (halves duplicated, transformers' rotate_half layout)."""
