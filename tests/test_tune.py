@@ -102,7 +102,7 @@ def test_measured_tree_tuning_is_cached_per_draft_and_used_by_load(tiny_llava_di
     trees = (TreeParams(2, 2, 4), TreeParams(3, 3, 8))
     engine = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft, tree=tune.scratch_tree(trees))
     best, rates = tune.tune_tree(engine, [("hello there", None)], trees, max_new_tokens=6)
-    assert set(rates) == set(trees) and best == max(rates, key=rates.get) and all(r > 0 for r in rates.values())
+    assert set(rates) == set(trees) and best == tune.pick_tree(rates) and all(r > 0 for r in rates.values())
     assert engine.tree == tune.scratch_tree(trees)  # tuning leaves the engine's own tree alone
     dtype = engine.model.text.embed_tokens.dtype
     key = tune.draft_key(draft)
@@ -135,3 +135,17 @@ def test_cli_measured_tune(tiny_llava_dir, monkeypatch, tmp_path, capsys):
                  "--prompts", str(prompts), "--max-new-tokens", "4"]) == 0
     assert "<- best" in capsys.readouterr().out
     assert main(["tune", "--model", str(tiny_llava_dir), "--draft", str(draft)]) == 2  # --prompts missing
+
+
+def test_pick_tree_takes_the_cheapest_of_the_trees_tied_with_the_fastest():
+    rates = {TreeParams(4, 3, 6): 79.8, TreeParams(4, 1, 6): 79.2, TreeParams(3, 1, 4): 78.7,
+             TreeParams(2, 2, 4): 79.5, TreeParams(3, 1, 3): 70.0}
+    assert tune.pick_tree(rates) == TreeParams(3, 1, 4)  # depth 1, 4 nodes; (3,1,3) is 12% slower
+    assert tune.pick_tree(rates, tolerance=0.0) == TreeParams(4, 3, 6)  # the fastest alone
+    assert tune.pick_tree(rates, tolerance=0.005) == TreeParams(2, 2, 4)
+    same_shape_cost = {TreeParams(3, 2, 4): 100.0, TreeParams(2, 2, 4): 99.5}
+    assert tune.pick_tree(same_shape_cost) == TreeParams(3, 2, 4)  # equal cost: the faster
+    with pytest.raises(ValueError, match="at least one measured tree"):
+        tune.pick_tree({})
+    with pytest.raises(ValueError, match=r"tolerance must be in \[0, 1\)"):
+        tune.pick_tree(rates, tolerance=1.5)
