@@ -287,8 +287,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 def set_cpu_spin_us(microseconds: int) -> None:
     """How long the CPU thread pool's idle workers poll before sleeping (default 1000 us: they
-    stay awake through a decode step or a speculative round, Python between the calls included). Lower it when torch's own threads need
-    the cores between our calls; 0 sleeps at once. Process-wide."""
+    stay awake through a decode step or a speculative round, Python between the calls included).
+    Lower it when torch's own threads need the cores between our calls; 0 sleeps at once.
+    Process-wide."""
     _lib().set_cpu_spin_us(int(microseconds))
 
 

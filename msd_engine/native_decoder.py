@@ -109,22 +109,12 @@ def decoder_layer(weights: DecoderLayerWeights, h: torch.Tensor, residual: torch
                    mask_bits, num_threads)
 
 
-def decoder_layers(layers: Sequence[DecoderLayerWeights], h: torch.Tensor, residual: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor, k_caches: Sequence[torch.Tensor],
-                   v_caches: Sequence[torch.Tensor], start: int, prefix_len: int,
-                   mask_bits: Optional[torch.Tensor] = None, num_threads: int = 0) -> None:
-    """`decoder_layer` for each of `layers` in turn, layer i on `k_caches[i]` / `v_caches[i]`, h and
-    residual carried from one to the next. What is the same for every layer of the step (h,
-    residual, the tables, the mask, start / prefix_len) is checked once; each layer's caches must
-    have the first layer's shape and strides. Per layer this costs one native call and a few
-    attribute reads (a 30-layer step spent ~0.2 ms checking per layer). The native call's own
-    checks depend only on what every layer shares, so an argument it refuses is refused at layer 0,
-    before anything is written."""
+def _check_layers(layers: Sequence[DecoderLayerWeights], k_caches: Sequence[torch.Tensor],
+                  v_caches: Sequence[torch.Tensor]) -> None:
+    """One model's layers (dtype, sizes as layers[0]'s), a cache pair for each."""
     if len(k_caches) != len(layers) or len(v_caches) != len(layers):
         raise ValueError(f"{len(layers)} layers need as many k_caches and v_caches, got "
                          f"{len(k_caches)} and {len(v_caches)}")
-    if not layers:
-        return
     first = layers[0]
     for i, w in enumerate(layers):
         if not isinstance(w, DecoderLayerWeights):
@@ -134,6 +124,68 @@ def decoder_layers(layers: Sequence[DecoderLayerWeights], h: torch.Tensor, resid
             raise ValueError(f"layers[{i}] ({w.dtype}, hidden {w.hidden}, head_dim {w.head_dim}, "
                              f"{w.num_kv_heads} kv heads) differs from layers[0] ({first.dtype}, hidden "
                              f"{first.hidden}, head_dim {first.head_dim}, {first.num_kv_heads} kv heads)")
+
+
+def _check_caches(first: DecoderLayerWeights, k_caches: Sequence[torch.Tensor],
+                  v_caches: Sequence[torch.Tensor]) -> tuple[int, int, int]:
+    """(slots, head stride, slot stride) of layer 0's k_cache, which every cache must share."""
+    dtype, k_cache = first.dtype, k_caches[0]
+    for i, (k, v) in enumerate(zip(k_caches, v_caches)):
+        for cache, name in ((k, "k_cache"), (v, "v_cache")):
+            if not isinstance(cache, torch.Tensor) or cache.dtype != dtype or not cache.is_cpu:
+                raise TypeError(f"{name} of layer {i} must be a {dtype} CPU tensor, got "
+                                f"{getattr(cache, 'dtype', type(cache).__name__)}"
+                                f"{' on ' + str(cache.device) if isinstance(cache, torch.Tensor) else ''}")
+    if k_cache.dim() != 3 or k_cache.shape[0] != first.num_kv_heads or k_cache.shape[2] != first.head_dim \
+            or k_cache.stride(2) != 1:
+        raise ValueError(f"k_cache has shape {tuple(k_cache.shape)} strides {k_cache.stride()}; expected "
+                         f"[{first.num_kv_heads}, S, {first.head_dim}] contiguous in the last dim")
+    shape, strides = k_cache.shape, _cache_strides(k_cache)
+    for i, (k, v) in enumerate(zip(k_caches, v_caches)):
+        for cache, name in ((k, "k_cache"), (v, "v_cache")):
+            if cache.shape != shape or cache.stride(2) != 1 or _cache_strides(cache) != strides:
+                raise ValueError(f"{name} of layer {i} (shape {tuple(cache.shape)}, strides {cache.stride()}) "
+                                 f"must match k_cache of layer 0 (shape {tuple(shape)}, strides "
+                                 f"{k_cache.stride()})")
+    return shape[1], *strides
+
+
+def _check_mask(mask_bits: Optional[torch.Tensor], t: int, start: int, prefix_len: int) -> int:
+    """The mask's pointer (0 for None) after checking start / prefix_len and its shape."""
+    _check_index(start, "start", 0)
+    if _check_index(prefix_len, "prefix_len", 0) > start:  # before mask_bits, whose shape needs it
+        raise ValueError(f"prefix_len ({prefix_len}) must be in [0, start = {start}]")
+    if mask_bits is None:
+        return 0
+    words = (start + t - prefix_len + 31) // 32
+    if (not isinstance(mask_bits, torch.Tensor) or mask_bits.dtype != torch.int32
+            or tuple(mask_bits.shape) != (t, words) or not mask_bits.is_contiguous()
+            or not mask_bits.is_cpu):
+        raise ValueError(f"mask_bits must be a contiguous int32 CPU tensor [{t}, {words}] "
+                         f"(pack_mask), got {getattr(mask_bits, 'dtype', type(mask_bits))} "
+                         f"{tuple(getattr(mask_bits, 'shape', ()))}")
+    return mask_bits.data_ptr()
+
+
+def decoder_layers(layers: Sequence[DecoderLayerWeights], h: torch.Tensor, residual: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, k_caches: Sequence[torch.Tensor],
+                   v_caches: Sequence[torch.Tensor], start: int, prefix_len: int,
+                   mask_bits: Optional[torch.Tensor] = None, num_threads: int = 0) -> None:
+    """`decoder_layer` for each of `layers` in turn, layer i on `k_caches[i]` / `v_caches[i]`, h and
+    residual carried from one to the next. What is the same for every layer of the step (h,
+    residual, the tables, the mask, start / prefix_len) is checked once; each layer's caches must
+    have the first layer's shape and strides. Per layer this costs one native call and a few
+    attribute reads (checking each layer in full cost ~7 us a layer, ~0.2 ms a 30-layer step).
+    The native call's own argument checks depend only on what every layer shares, so an argument
+    it refuses is refused at layer 0, before anything is written; a failure to grow its scratch
+    (out of memory) can still come after earlier layers were written."""
+    if not layers:
+        if k_caches or v_caches:
+            raise ValueError(f"0 layers need as many k_caches and v_caches, got {len(k_caches)} and "
+                             f"{len(v_caches)}")
+        return
+    _check_layers(layers, k_caches, v_caches)
+    first = layers[0]
     dtype = first.dtype
     if not isinstance(h, torch.Tensor) or h.dim() != 2:
         raise ValueError(f"h must be a [T, {first.hidden}] tensor, got "
@@ -145,42 +197,12 @@ def decoder_layers(layers: Sequence[DecoderLayerWeights], h: torch.Tensor, resid
     if _check_rows(sin, "sin", t, first.head_dim, dtype) != table_stride:
         cos, sin = cos.contiguous(), sin.contiguous()
         table_stride = first.head_dim
-    k_cache = k_caches[0]
-    for cache, name in ((k_cache, "k_cache"), (v_caches[0], "v_cache")):
-        if not isinstance(cache, torch.Tensor) or cache.dtype != dtype or not cache.is_cpu:
-            raise TypeError(f"{name} must be a {dtype} CPU tensor")
-        if cache.dim() != 3 or cache.shape[0] != first.num_kv_heads or cache.shape[2] != first.head_dim \
-                or cache.stride(2) != 1:
-            raise ValueError(f"{name} has shape {tuple(cache.shape)} strides {cache.stride()}; expected "
-                             f"[{first.num_kv_heads}, S, {first.head_dim}] contiguous in the last dim")
-    shape, cache_strides = k_cache.shape, _cache_strides(k_cache)
-    for i, (k, v) in enumerate(zip(k_caches, v_caches)):
-        for cache, name in ((k, "k_cache"), (v, "v_cache")):
-            if (not isinstance(cache, torch.Tensor) or cache.dtype != dtype or not cache.is_cpu
-                    or cache.shape != shape or cache.stride(2) != 1
-                    or _cache_strides(cache) != cache_strides):
-                raise ValueError(
-                    f"{name} of layer {i} (shape {tuple(getattr(cache, 'shape', ()))}, strides "
-                    f"{cache.stride() if isinstance(cache, torch.Tensor) else None}) must match k_cache "
-                    f"of layer 0 (shape {tuple(shape)}, strides {k_cache.stride()}, {dtype} on cpu)")
-    _check_index(start, "start", 0)
-    if _check_index(prefix_len, "prefix_len", 0) > start:  # before mask_bits, whose shape needs it
-        raise ValueError(f"prefix_len ({prefix_len}) must be in [0, start = {start}]")
-    mask_ptr = 0
-    if mask_bits is not None:
-        words = (start + t - prefix_len + 31) // 32
-        if (not isinstance(mask_bits, torch.Tensor) or mask_bits.dtype != torch.int32
-                or tuple(mask_bits.shape) != (t, words) or not mask_bits.is_contiguous()
-                or not mask_bits.is_cpu):
-            raise ValueError(f"mask_bits must be a contiguous int32 CPU tensor [{t}, {words}] "
-                             f"(pack_mask), got {getattr(mask_bits, 'dtype', type(mask_bits))} "
-                             f"{tuple(getattr(mask_bits, 'shape', ()))}")
-        mask_ptr = mask_bits.data_ptr()
+    slots, head_stride, slot_stride = _check_caches(first, k_caches, v_caches)
+    mask_ptr = _check_mask(mask_bits, t, start, prefix_len)
     if t == 0:
         return
     run = native._C.decoder_layer_cpu
     h_ptr, r_ptr, cos_ptr, sin_ptr = h.data_ptr(), residual.data_ptr(), cos.data_ptr(), sin.data_ptr()
-    slots, (head_stride, slot_stride) = shape[1], cache_strides
     for w, k, v in zip(layers, k_caches, v_caches):
         run(w.layer, h_ptr, r_ptr, t, h_stride, r_stride, cos_ptr, sin_ptr, table_stride, k.data_ptr(),
             v.data_ptr(), slots, head_stride, slot_stride, start, prefix_len, mask_ptr, w.code, num_threads)

@@ -47,7 +47,9 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     as torch.argmax(logits, -1): logits [V] -> [i], [T, V] -> T indices. On the CPU numpy's
     vectorised argmax does it: torch's takes ~60 us per 49k-logit row on one core, numpy's ~3,
     and greedy decoding takes one per token, tree verification one per tree node."""
-    rows = logits.reshape(-1, logits.shape[-1]) if logits.dim() != 2 else logits
+    if logits.dim() not in (1, 2):
+        raise ValueError(f"argmax_rows takes logits [V] or [T, V], got shape {tuple(logits.shape)}")
+    rows = logits.detach().reshape(1, -1) if logits.dim() == 1 else logits.detach()
     if rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.shape[-1] > 0:
         return np.argmax(rows.numpy(), axis=1).tolist()
     return rows.argmax(dim=-1).tolist()

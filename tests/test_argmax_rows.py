@@ -40,6 +40,26 @@ def test_strided_and_inference_tensors():
             assert argmax_rows(view) == _torch_argmax(view)
 
 
-def test_greedy_sampler_uses_it():
+def test_greedy_sampler_and_tree_acceptance_use_it(monkeypatch):
+    import msd_engine.sampling as sampling
+    import msd_engine.spec.accept as accept
+    from msd_engine.spec.tree import build_tree
+
+    calls = []
+    real = sampling.argmax_rows
+    monkeypatch.setattr(sampling, "argmax_rows", lambda t: calls.append(tuple(t.shape)) or real(t))
+    monkeypatch.setattr(accept, "argmax_rows", sampling.argmax_rows)
     logits = torch.tensor([0.5, 2.0, 2.0, -1.0])
     assert Sampler(SamplingParams(), torch.device("cpu"))(logits) == 1
+    tree = build_tree(torch.tensor([7, 1, 2]), torch.tensor([-1, 0, 1]))
+    assert accept.accept_greedy(tree, torch.eye(4)[[1, 2, 3]]) == ([0, 1, 2], 3)
+    assert calls == [(4,), (3, 4)]
+
+
+def test_inputs_it_does_not_take_and_grad_tensors():
+    with pytest.raises(ValueError, match=r"logits \[V\] or \[T, V\], got shape \(\)"):
+        argmax_rows(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"got shape \(2, 3, 4\)"):
+        argmax_rows(torch.zeros(2, 3, 4))
+    logits = torch.randn(3, 10, requires_grad=True)
+    assert argmax_rows(logits) == _torch_argmax(logits)

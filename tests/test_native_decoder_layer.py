@@ -209,8 +209,11 @@ def test_layers_whose_caches_differ_are_named_and_nothing_is_written():
         decoder_layers(natives, *args, keys[:2], values, *tail)
     with pytest.raises(ValueError, match=r"v_cache of layer 2 \(shape \(2, 100, 16\).* must match k_cache of layer 0"):
         decoder_layers(natives, *args, keys, values[:2] + [values[2][:, :100]], *tail)
-    with pytest.raises(ValueError, match=r"k_cache of layer 1 .* must match"):
+    with pytest.raises(TypeError, match=r"k_cache of layer 1 must be a torch.float32 CPU tensor, got torch.float64"):
         decoder_layers(natives, *args, [keys[0], keys[1].double(), keys[2]], values, *tail)
+    with pytest.raises(ValueError, match=r"k_cache of layer 1 \(shape \(2, 640, 16\), strides \(16, 32, 1\)\) must match"):
+        decoder_layers(natives, *args, [keys[0], keys[1].transpose(0, 1).contiguous().transpose(0, 1), keys[2]],
+                       values, *tail)
     with pytest.raises(TypeError, match=r"layers\[1\] must be DecoderLayerWeights, got NoneType"):
         decoder_layers([natives[0], None, natives[2]], *args, keys, values, *tail)
     other = model_step(torch.float16, 4)[1][0].native

@@ -1,7 +1,8 @@
 // Internal to the CPU RMSNorm kernels: the row functions rms_norm.cpp (dispatch, scalar path)
 // takes from rms_norm_avx512.cpp. Both paths give the same bits: the sum of squares has one
 // fixed order (kSumLanes partial sums in double, lane j % kSumLanes, then halved pairwise), and
-// the rest is elementwise with the same roundings.
+// the rest is elementwise with the same roundings. (A row holding two different NaNs may keep
+// either one's payload: only that the result is NaN is the same.)
 #pragma once
 
 #include <cstdint>

@@ -325,7 +325,8 @@ msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* 
 msd_status msd_set_cpu_spin_us(int microseconds);
 
 /* SIMD code paths of the CPU kernels that have several (msd_linear_cpu, msd_tree_attention_cpu,
- * msd_silu_mul_cpu). */
+ * msd_silu_mul_cpu; msd_rms_norm_cpu, msd_add_rms_norm_cpu and msd_rope_kv_write_cpu, whose
+ * AVX-512 paths give the scalar paths' bits). */
 typedef enum {
     MSD_CPU_ISA_SCALAR = 0,
     MSD_CPU_ISA_AVX2 = 1,

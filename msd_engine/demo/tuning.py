@@ -3,8 +3,8 @@
 Without a tuned tree the engine drafts the paper's GPU tree (60 nodes), which a CPU pays for node by
 node: a speculative round would then cost several plain steps. So the first `msd-engine demo` on a
 machine runs `tune_tree` (the engine's measured tuning, as `msd-engine tune --draft` does) over a
-few training prompts (never held-out ones) and caches the fastest tree for this device, target
-and draft; later runs read it.
+few training prompts (never held-out ones) and caches the fastest tree (a tie within 2% going to
+the shallower one, `spec.tune.pick_tree`) for this device, target and draft; later runs read it.
 """
 from __future__ import annotations
 

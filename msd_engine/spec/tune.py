@@ -3,8 +3,9 @@
 Without a draft (EAGLE-2's rule): time the target's verify forward over T tree tokens for each
 candidate T, divide by an assumed acceptance gain of a tree that size, take the argmin of
 `total_tokens`. With a draft and prompts (`tune_tree`): run speculative decoding for each candidate
-tree shape (top_k, depth, total_tokens) and keep the fastest measured one: the draft's real
-acceptance and the device's real draft and verify costs decide. GPUs verify 60 tokens for about the
+tree shape (top_k, depth, total_tokens) and keep the fastest measured one (`pick_tree`: a tie
+within 2% goes to the shallower tree): the draft's real acceptance and the device's real draft and
+verify costs decide. GPUs verify 60 tokens for about the
 price of one; a CPU pays for every token, so its candidates are far smaller trees.
 """
 from __future__ import annotations
