@@ -3,13 +3,9 @@
 // kSumLanes = 16 partial sums (lanes 0-7 in one vector, 8-15 in another), combined in the same
 // pairwise order; the scaling and the residual add are elementwise with the same roundings.
 // Target attributes and linkage as avx512.h says; rms_norm.cpp calls in only on the AVX-512
-// paths of msd_get_cpu_isa. No FMA contraction here, as in rope_avx512.cpp: no multiply feeds an
-// add of the same type today, and a later edit must not fuse one silently.
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+// paths of msd_get_cpu_isa. No FMA contraction here (no multiply feeds an add of the same type
+// today; a later edit must not fuse one silently).
+#include "cpu/no_fp_contract.h"  // first: before any arithmetic
 
 #include "cpu/rms_norm.h"
 

@@ -3,11 +3,7 @@
 // bits are those of rope_kv_write.cpp and of torch. float32 needs the multiplies and adds kept
 // apart: no FMA contraction in this file. Target attributes and linkage as avx512.h says;
 // rope_kv_write.cpp calls in only on the AVX-512 paths of msd_get_cpu_isa.
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "cpu/no_fp_contract.h"  // first: before any arithmetic
 
 #include "cpu/rope.h"
 

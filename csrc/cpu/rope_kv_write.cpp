@@ -5,11 +5,7 @@
 // aarch64's baseline does). Each (d, d + h) pair is read before either output is written, which
 // makes q_out == q safe. The AVX-512 paths of msd_get_cpu_isa rotate with rope_avx512.cpp's
 // function, which gives these bits.
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "cpu/no_fp_contract.h"  // first: before any arithmetic
 
 #include <cstring>
 
