@@ -137,23 +137,6 @@ def run_both(shape, dtype, t, tree, with_norm, seed=0, prefix=PREFIX, decode=Fal
     return results
 
 
-@pytest.mark.parametrize("t, native_calls", [(1, 1), (16, 1), (17, 0)])
-def test_cpu_ops_runs_skinny_steps_through_the_layer_call(monkeypatch, t, native_calls):
-    import msd_engine.ops.cpu_ops as cpu_ops
-
-    calls = []
-    monkeypatch.setattr(cpu_ops, "decoder_layer", lambda *a: calls.append(a) or decoder_layer(*a))
-    config = config_for(SHAPES[0])
-    ops = CpuOps(torch.device("cpu"))
-    layer, next_norm = make_layer(SHAPES[0], torch.float32, 0)
-    block = ops.prepare_decoder_layer(layer, next_norm, config)
-    step = make_step(config, t, torch.float32, True, 0)
-    h, residual = inputs(config, t, torch.float32, 1)
-    k_cache, v_cache = make_cache(config, torch.float32, 2)
-    ops.decoder_layer(block, h, residual, step, k_cache, v_cache)
-    assert len(calls) == native_calls
-
-
 def model_step(dtype, t: int, layers: int = 3, seed: int = 0):
     """(ops, blocks, step, h, residual, a KVCache with random history) for `layers` layers, the last
     one's next norm the final norm, as LlamaModel builds them."""
@@ -196,6 +179,12 @@ def test_cpu_ops_runs_a_skinny_steps_layers_through_one_checked_call(monkeypatch
     ops, blocks, step, h, residual, cache = model_step(torch.float32, t)
     ops.decoder_layers(blocks, h, residual, step, cache)
     assert len(calls) == native_calls
+    # the draft head's layer (no norm after it): the same call, and no next normed input back
+    config = config_for(SHAPES[0])
+    draft = ops.prepare_decoder_layer(make_layer(SHAPES[0], torch.float32, 5)[0], None, config)
+    out_h, out_r = ops.decoder_layers([draft], h, residual, step, cache)
+    assert out_h is None and len(calls) == native_calls + (t <= 16)
+    assert (out_r is residual) == (t <= 16)  # the native call adds into the caller's residual
 
 
 def test_layers_whose_caches_differ_are_named_and_nothing_is_written():
@@ -264,8 +253,9 @@ def test_float32_within_rounding_of_float64_torch(shape):
     h, residual = inputs(config, 6, torch.float32, 4)
     k_cache, v_cache = make_cache(config, torch.float32, 5)
     ops = CpuOps(torch.device("cpu"))
-    out_h, out_r = ops.decoder_layer(ops.prepare_decoder_layer(layer, next_norm, config), h.clone(),
-                                     residual.clone(), step, k_cache, v_cache)
+    out_h, out_r = h.clone(), residual.clone()  # the layer call itself, not CpuOps' dispatch
+    decoder_layer(ops.prepare_decoder_layer(layer, next_norm, config).native, out_h, out_r, step.cos,
+                  step.sin, k_cache, v_cache, step.start, step.prefix_len, step.mask_bits)
 
     to64 = lambda t: t.double()  # noqa: E731
     layer64 = LlamaLayer(*(to64(getattr(layer, f)) for f in LlamaLayer.__dataclass_fields__))

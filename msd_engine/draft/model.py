@@ -59,7 +59,7 @@ class DraftModel:
     def _forward(self, x: torch.Tensor, step: StepState, cache: KVCache) -> torch.Tensor:
         # x = x + attn(x); x = x + mlp(post_norm(x)): the decoder layer with x as both its input
         # and its residual, and no norm after it.
-        _, out = self.ops.decoder_layer(self.block, x.clone(), x.clone(), step, *cache.layer(0))
+        _, out = self.ops.decoder_layers([self.block], x.clone(), x.clone(), step, cache)
         return out
 
     def top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from msd_engine import native
 from msd_engine.kv_cache import pack_mask
-from msd_engine.native_decoder import DecoderLayerWeights, decoder_layer, decoder_layers
+from msd_engine.native_decoder import DecoderLayerWeights, decoder_layers
 from msd_engine.ops.torch_ops import DecoderBlock, TorchOps
 
 SKINNY_ROWS = 16  # up to this many rows the native kernel streams the weight once
@@ -76,22 +76,13 @@ class CpuOps(TorchOps):
             native = None  # e.g. strided weights, or a _C built before the layer call: per-op path
         return CpuDecoderBlock(**vars(block), native=native)
 
-    def decoder_layer(self, block, h, residual, step, k_cache, v_cache):
-        # A skinny step's whole layer is one native call: the kernels the per-op path runs, in its
+    def decoder_layers(self, blocks, h, residual, step, cache):
+        # A skinny step's layers are one native call each: the kernels the per-op path runs, in its
         # order (same bits), without ~10 returns to Python per layer. Those cost ~3 ms of a 15 ms
         # SmolLM2 bfloat16 step, and the gaps they left between linear calls let the pool's
         # workers fall asleep in tree verification (measured: 8-row step 22.6 -> 19.2 ms with
-        # workers kept awake). Larger steps (prefill) keep the per-op path and torch's GEMMs.
-        if (block.native is None or h.shape[0] > SKINNY_ROWS or h.stride(-1) != 1
-                or residual.stride(-1) != 1):
-            return super().decoder_layer(block, h, residual, step, k_cache, v_cache)
-        decoder_layer(block.native, h, residual, step.cos, step.sin, k_cache, v_cache, step.start,
-                      step.prefix_len, step.mask_bits)
-        return (None if block.next_norm is None else h), residual
-
-    def decoder_layers(self, blocks, h, residual, step, cache):
-        # A skinny step's layers as `decoder_layer` runs them, with what they share checked once
-        # (~0.2 ms of Python per 30-layer step otherwise).
+        # workers kept awake). What the layers share is checked once (per layer: ~0.2 ms of
+        # Python a 30-layer step). Larger steps (prefill) keep the per-op path and torch's GEMMs.
         if (h.shape[0] > SKINNY_ROWS or h.stride(-1) != 1 or residual.stride(-1) != 1
                 or any(block.native is None for block in blocks)):
             return super().decoder_layers(blocks, h, residual, step, cache)
