@@ -352,50 +352,43 @@ msd_status check_decoder_weights(const msd_decoder_layer* layer) {
     return MSD_OK;
 }
 
-// The step operands of a msd_decoder_layer_cpu call; fills `step` when they pass.
-msd_status check_decoder_layer(const msd_decoder_layer* layer, void* h, void* residual,
-                               int64_t num_tokens, int64_t h_row_stride,
-                               int64_t residual_row_stride, const void* cos, const void* sin,
-                               int64_t table_row_stride, void* k_cache, void* v_cache,
-                               int64_t num_slots, int64_t cache_head_stride,
-                               int64_t cache_slot_stride, int64_t start, int64_t prefix_len,
-                               const int32_t* mask_bits, msd_dtype dtype, DecoderStep* step) {
+// The step operands of a msd_decoder_layer_cpu call, gathered into `s`.
+msd_status check_decoder_layer(const msd_decoder_layer* layer, const DecoderStep& s,
+                               int64_t num_slots, msd_dtype dtype) {
     clear_error();
     CHECK_ARG(check_decoder_weights(layer));
-    const void* pointers[] = {h, residual, cos, sin, k_cache, v_cache};
+    const void* pointers[] = {s.h, s.residual, s.cos, s.sin, s.k_cache, s.v_cache};
     const char* names[] = {"h", "residual", "cos", "sin", "k_cache", "v_cache"};
     for (int i = 0; i < 6; ++i) CHECK_ARG(check_pointer(pointers[i], names[i]));  // mask_bits may be NULL
-    CHECK_ARG(check_positive(num_tokens, "num_tokens"));
-    CHECK_ARG(check_stride(h_row_stride, layer->hidden, "h_row_stride"));
-    CHECK_ARG(check_stride(residual_row_stride, layer->hidden, "residual_row_stride"));
-    CHECK_ARG(check_stride(table_row_stride, layer->head_dim, "table_row_stride"));
+    CHECK_ARG(check_positive(s.num_tokens, "num_tokens"));
+    CHECK_ARG(check_stride(s.h_row_stride, layer->hidden, "h_row_stride"));
+    CHECK_ARG(check_stride(s.residual_row_stride, layer->hidden, "residual_row_stride"));
+    CHECK_ARG(check_stride(s.table_row_stride, layer->head_dim, "table_row_stride"));
     CHECK_ARG(check_positive(num_slots, "num_slots"));
-    CHECK_ARG(check_stride(cache_head_stride, layer->head_dim, "cache_head_stride"));
-    CHECK_ARG(check_stride(cache_slot_stride, layer->head_dim, "cache_slot_stride"));
-    CHECK_ARG(check_out_rows(num_slots, layer->num_kv_heads, layer->head_dim, cache_slot_stride,
-                             cache_head_stride, "k_cache / v_cache", "cache_slot_stride",
+    CHECK_ARG(check_stride(s.cache_head_stride, layer->head_dim, "cache_head_stride"));
+    CHECK_ARG(check_stride(s.cache_slot_stride, layer->head_dim, "cache_slot_stride"));
+    CHECK_ARG(check_out_rows(num_slots, layer->num_kv_heads, layer->head_dim, s.cache_slot_stride,
+                             s.cache_head_stride, "k_cache / v_cache", "cache_slot_stride",
                              "cache_head_stride"));
-    CHECK_ARG(check_non_negative(start, "start"));
-    if (start + num_tokens > num_slots) {
+    CHECK_ARG(check_non_negative(s.start, "start"));
+    if (s.start + s.num_tokens > num_slots) {
         return set_error(MSD_ERR_INVALID_ARGUMENT,
                          "start (%lld) + num_tokens (%lld) exceeds num_slots (%lld)",
-                         static_cast<long long>(start), static_cast<long long>(num_tokens),
+                         static_cast<long long>(s.start), static_cast<long long>(s.num_tokens),
                          static_cast<long long>(num_slots));
     }
-    if (prefix_len < 0 || prefix_len > start) {
+    if (s.prefix_len < 0 || s.prefix_len > s.start) {
         return set_error(MSD_ERR_INVALID_ARGUMENT, "prefix_len (%lld) must be in [0, start = %lld]",
-                         static_cast<long long>(prefix_len), static_cast<long long>(start));
+                         static_cast<long long>(s.prefix_len), static_cast<long long>(s.start));
     }
     CHECK_ARG(check_dtype(dtype));
     const int64_t element = dtype_bytes(dtype);
-    const int64_t rows_bytes_h = ((num_tokens - 1) * h_row_stride + layer->hidden) * element;
-    const int64_t rows_bytes_r = ((num_tokens - 1) * residual_row_stride + layer->hidden) * element;
-    if (overlaps(h, rows_bytes_h, residual, rows_bytes_r)) {
+    const int64_t rows_bytes_h = ((s.num_tokens - 1) * s.h_row_stride + layer->hidden) * element;
+    const int64_t rows_bytes_r =
+        ((s.num_tokens - 1) * s.residual_row_stride + layer->hidden) * element;
+    if (overlaps(s.h, rows_bytes_h, s.residual, rows_bytes_r)) {
         return set_error(MSD_ERR_INVALID_ARGUMENT, "h and residual overlap");
     }
-    *step = DecoderStep{h, residual, num_tokens, h_row_stride, residual_row_stride, cos, sin,
-                        table_row_stride, k_cache, v_cache, cache_head_stride, cache_slot_stride,
-                        start, prefix_len, mask_bits};
     return MSD_OK;
 }
 
@@ -587,11 +580,10 @@ msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* 
                                  int64_t num_slots, int64_t cache_head_stride,
                                  int64_t cache_slot_stride, int64_t start, int64_t prefix_len,
                                  const int32_t* mask_bits, msd_dtype dtype, int num_threads) {
-    msd::DecoderStep step;
-    CHECK_ARG(msd::check_decoder_layer(layer, h, residual, num_tokens, h_row_stride,
-                                       residual_row_stride, cos, sin, table_row_stride, k_cache,
-                                       v_cache, num_slots, cache_head_stride, cache_slot_stride,
-                                       start, prefix_len, mask_bits, dtype, &step));
+    const msd::DecoderStep step{h, residual, num_tokens, h_row_stride, residual_row_stride, cos, sin,
+                                table_row_stride, k_cache, v_cache, cache_head_stride,
+                                cache_slot_stride, start, prefix_len, mask_bits};
+    CHECK_ARG(msd::check_decoder_layer(layer, step, num_slots, dtype));
     return msd::cpu::decoder_layer(*layer, step, dtype, num_threads);
 }
 
