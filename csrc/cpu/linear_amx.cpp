@@ -26,6 +26,8 @@
 #include <cstring>
 
 #include "cpu/avx512.h"
+#include "cpu/dtype.h"
+#include "cpu/lanes_avx512.h"
 
 // A superset of MSD_AVX512 (avx512.h), so that its helpers inline here; the AMX path is only
 // taken where the AVX-512 one (which needs FMA and F16C too) is available.
@@ -117,13 +119,12 @@ MSD_AMX void store_tiles(const LinearArgs& a, int64_t x_row, int64_t x_rows, int
     _tile_stored(1, c[kTileRows], kMaxXRows * 4);
     const __mmask32 valid = rows_valid >= kBlockRows ? ~__mmask32{0} : (__mmask32{1} << rows_valid) - 1;
     const auto low = static_cast<__mmask16>(valid), high = static_cast<__mmask16>(valid >> 16);
+    using L = Lanes<BFloat16>;
     __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
     if (a.bias != nullptr) {
         const auto* b = static_cast<const uint16_t*>(a.bias) + col;
-        bias0 = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(low, b)), 16));
-        bias1 = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(high, b + kTileRows)), 16));
+        bias0 = L::load(b, low);
+        bias1 = L::load(b + kTileRows, high);
     }
     // Element (r, i) of a stored tile is c[r][i]: lane r of column i is at r * 16 + i.
     const __m512i rows = _mm512_mullo_epi32(
@@ -137,8 +138,8 @@ MSD_AMX void store_tiles(const LinearArgs& a, int64_t x_row, int64_t x_rows, int
             sums1 = _mm512_add_ps(sums1, bias1);
         }
         auto* out = static_cast<uint16_t*>(a.out) + (x_row + i) * a.out_row_stride + col;
-        _mm256_mask_storeu_epi16(out, low, _mm512_cvtepi32_epi16(bfloat16_bits(sums0)));
-        _mm256_mask_storeu_epi16(out + kTileRows, high, _mm512_cvtepi32_epi16(bfloat16_bits(sums1)));
+        L::store(out, sums0, low);
+        L::store(out + kTileRows, sums1, high);
     }
 }
 
