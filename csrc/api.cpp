@@ -495,6 +495,25 @@ msd_status msd_linear_cpu(const void* x, const void* weight, const void* bias, v
                             out_row_stride, dtype, num_threads);
 }
 
+msd_status msd_logsoftmax_topk_cpu(const void* logits, float* values, int64_t* indices,
+                                   int64_t rows, int64_t n, int64_t k, int64_t logits_row_stride,
+                                   msd_dtype dtype) {
+    msd::clear_error();
+    CHECK_ARG(msd::check_pointer(logits, "logits"));
+    CHECK_ARG(msd::check_pointer(values, "values"));
+    CHECK_ARG(msd::check_pointer(indices, "indices"));
+    CHECK_ARG(msd::check_positive(rows, "rows"));
+    CHECK_ARG(msd::check_positive(n, "n"));
+    CHECK_ARG(msd::check_positive(k, "k"));
+    if (k > n) {
+        return msd::set_error(MSD_ERR_INVALID_ARGUMENT, "k (%lld) is larger than the row length n (%lld)",
+                              static_cast<long long>(k), static_cast<long long>(n));
+    }
+    CHECK_ARG(msd::check_stride(logits_row_stride, n, "logits_row_stride"));
+    CHECK_ARG(msd::check_dtype(dtype));
+    return msd::cpu::logsoftmax_topk(logits, values, indices, rows, n, k, logits_row_stride, dtype);
+}
+
 msd_status msd_tree_attention_cpu(const void* q, const void* k_cache, const void* v_cache,
                                   const int32_t* mask_bits, void* out, int64_t num_queries,
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,

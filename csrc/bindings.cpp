@@ -34,30 +34,10 @@ struct PyArg {
     using type = T;
     static T from(T v) { return v; }
 };
-template <>
-struct PyArg<const void*> {
+template <class T>
+struct PyArg<T*> {  // every pointer but the layer's: an integer address
     using type = uintptr_t;
-    static const void* from(uintptr_t p) { return reinterpret_cast<const void*>(p); }
-};
-template <>
-struct PyArg<void*> {
-    using type = uintptr_t;
-    static void* from(uintptr_t p) { return reinterpret_cast<void*>(p); }
-};
-template <>
-struct PyArg<const int32_t*> {
-    using type = uintptr_t;
-    static const int32_t* from(uintptr_t p) { return reinterpret_cast<const int32_t*>(p); }
-};
-template <>
-struct PyArg<const int64_t*> {
-    using type = uintptr_t;
-    static const int64_t* from(uintptr_t p) { return reinterpret_cast<const int64_t*>(p); }
-};
-template <>
-struct PyArg<const uint8_t*> {
-    using type = uintptr_t;
-    static const uint8_t* from(uintptr_t p) { return reinterpret_cast<const uint8_t*>(p); }
+    static T* from(uintptr_t p) { return reinterpret_cast<T*>(p); }
 };
 template <>
 struct PyArg<const msd_decoder_layer*> {  // a _C.DecoderLayer, built once per layer
@@ -101,6 +81,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("silu_mul_cpu", checked(&msd_silu_mul_cpu), nogil);
     m.def("silu_mul_cuda", checked(&msd_silu_mul_cuda), nogil);
     m.def("linear_cpu", checked(&msd_linear_cpu), nogil);
+    m.def("logsoftmax_topk_cpu", checked(&msd_logsoftmax_topk_cpu), nogil);
     m.def("tree_attention_cpu", checked(&msd_tree_attention_cpu), nogil);
     m.def("tree_attention_cuda", checked(&msd_tree_attention_cuda), nogil);
     m.def("tree_attention_cuda_workspace_bytes",

@@ -103,6 +103,8 @@ msd_status silu_mul(const void* gate_up, void* out, int64_t rows, int64_t inter,
 msd_status linear(const void* x, const void* weight, const void* bias, void* out, int64_t m,
                   int64_t n, int64_t k, int64_t x_row_stride, int64_t weight_row_stride,
                   int64_t out_row_stride, msd_dtype dtype, int num_threads);
+msd_status logsoftmax_topk(const void* logits, float* values, int64_t* indices, int64_t rows,
+                           int64_t n, int64_t k, int64_t logits_row_stride, msd_dtype dtype);
 msd_status tree_attention(const void* q, const void* k_cache, const void* v_cache,
                           const int32_t* mask_bits, void* out, int64_t num_queries,
                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,

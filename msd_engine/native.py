@@ -11,6 +11,8 @@ Semantics (the roundings match `msd_engine.ops.TorchOps`; see csrc/include/msd_e
   silu_mul:     F.silu(gate) * up for gate_up = [gate | up] along the last dim
   linear:       F.linear(x, weight, bias), CPU only, summed in float32 (+ bias in float32)
                 and rounded to dtype once; made for a few rows of x (decoding)
+  logsoftmax_topk: torch.topk(torch.log_softmax(logits.float(), -1), k), CPU only; equal
+                logits in ascending column order
   tree_attention: TorchOps.cached_attention with the mask bit-packed (`pack_mask`), float32
                 inside, rounded to dtype once; a query that sees no key gets zeros
   kv_compact:   TorchOps.kv_compact (slot start + nodes[j] -> start + j, all layers, K and V)
@@ -283,6 +285,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     lib.linear_cpu(x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), rows, n, k,
                    x_row_stride, w_strides[0] if n > 1 else k, out_row_stride, code, num_threads)
     return out
+
+
+def logsoftmax_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk(torch.log_softmax(logits.float(), -1), k)` for CPU `logits [..., n]` (float32,
+    float16 or bfloat16, contiguous last dim): (log-probs `[..., k]` float32, best first; columns
+    `[..., k]` int64). Equal logits come in ascending column order, NaN first; a row holding NaN
+    or +inf gives NaN log-probs, as torch does. On the calling thread."""
+    code = _dtype_code(logits, "logits")
+    if not logits.is_cpu:
+        raise ValueError(f"logsoftmax_topk runs on CPU tensors; logits is on {logits.device}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {k!r}")
+    n = logits.shape[-1] if logits.dim() else 0
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] (the last dim of logits {tuple(logits.shape)}), got {k}")
+    rows2 = _as_rows(logits, "logits", n)
+    lead = tuple(logits.shape[:-1])
+    values = torch.empty(lead + (k,), dtype=torch.float32)
+    indices = torch.empty(lead + (k,), dtype=torch.int64)
+    if rows2.shape[0]:
+        _lib().logsoftmax_topk_cpu(rows2.data_ptr(), values.data_ptr(), indices.data_ptr(), rows2.shape[0], n, k,
+                                   _row_stride(rows2), code)
+    return values, indices
 
 
 def set_cpu_spin_us(microseconds: int) -> None:

@@ -108,6 +108,19 @@ msd_status msd_linear_cpu(const void* x, const void* weight, const void* bias, v
                           int64_t weight_row_stride, int64_t out_row_stride, msd_dtype dtype,
                           int num_threads);
 
+/* The k most likely tokens of each row of logits [rows, n] (row i at logits + i *
+ * logits_row_stride elements), as torch.topk(torch.log_softmax(logits.float(), -1), k) gives
+ * them: values [rows, k] float32 (contiguous) are the log-probabilities
+ *     (logit - max) - log(sum_j exp(logit_j - max)),   best first,
+ * and indices [rows, k] int64 their columns. Equal logits come in ascending column order; NaN ranks
+ * above every number, and a row holding a NaN or +inf comes out NaN, as torch's does. The sum is
+ * in float32 lanes added in double; exp is the SIMD path's (within ~2 ulps of float32's). Runs on
+ * the calling thread (a draft step's few rows over a reduced vocabulary take microseconds);
+ * 1 <= k <= n. */
+msd_status msd_logsoftmax_topk_cpu(const void* logits, float* values, int64_t* indices,
+                                   int64_t rows, int64_t n, int64_t k, int64_t logits_row_stride,
+                                   msd_dtype dtype);
+
 /* Tree-masked attention over a KV cache, as msd_engine.ops.TorchOps.cached_attention computes it
  * (decode T = 1, draft-tree steps, verification, prefill). Element (t, h, d) of
  *     q    [T, num_heads, D]      is q[t * q_row_stride + h * q_head_stride + d],
@@ -325,7 +338,7 @@ msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* 
 msd_status msd_set_cpu_spin_us(int microseconds);
 
 /* SIMD code paths of the CPU kernels that have several (msd_linear_cpu, msd_tree_attention_cpu,
- * msd_silu_mul_cpu; msd_rms_norm_cpu, msd_add_rms_norm_cpu and msd_rope_kv_write_cpu, whose
+ * msd_silu_mul_cpu, msd_logsoftmax_topk_cpu; msd_rms_norm_cpu, msd_add_rms_norm_cpu and msd_rope_kv_write_cpu, whose
  * AVX-512 paths give the scalar paths' bits). */
 typedef enum {
     MSD_CPU_ISA_SCALAR = 0,

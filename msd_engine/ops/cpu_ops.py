@@ -91,6 +91,14 @@ class CpuOps(TorchOps):
                        step.prefix_len, step.mask_bits)
         return (None if blocks and blocks[-1].next_norm is None else h), residual
 
+    def logsoftmax_topk(self, hidden, weight, k):
+        # A draft step's few rows: the lm_head on the native linear, then log-softmax and top-k
+        # in one native pass over the logits (torch's log_softmax, topk and float() cost ~70 us
+        # a call on an 8192-token draft vocabulary).
+        if not _skinny(hidden):
+            return super().logsoftmax_topk(hidden, weight, k)
+        return native.logsoftmax_topk(self.linear(hidden, weight), k)
+
     def attention(self, q, k_cache, v_cache, step):
         # The step's mask is bit-packed once (StepState.mask_bits) and shared by every layer.
         return native.tree_attention(q, k_cache, v_cache, step.prefix_len, step.mask_bits, step.region)
