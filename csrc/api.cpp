@@ -606,6 +606,50 @@ msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* 
     return msd::cpu::decoder_layer(*layer, step, dtype, num_threads);
 }
 
+msd_status msd_draft_tree_cpu(const msd_draft_head* head, const void* last_hidden, int64_t committed,
+                              int64_t root_token, int64_t top_k, int64_t depth, int64_t total_tokens,
+                              int64_t* tokens, int64_t* parents, int64_t* num_nodes, msd_dtype dtype,
+                              int num_threads) {
+    msd::clear_error();
+    CHECK_ARG(msd::check_pointer(head, "head"));
+    CHECK_ARG(msd::check_decoder_weights(head->layer));
+    if (head->layer->next_norm != nullptr) {
+        return msd::set_error(MSD_ERR_INVALID_ARGUMENT, "head->layer->next_norm must be NULL (no norm after the draft layer)");
+    }
+    const void* pointers[] = {head->embed, head->fc_weight, head->lm_head, head->cos, head->sin, head->k_cache,
+                              head->v_cache, last_hidden, tokens, parents, num_nodes};
+    const char* names[] = {"head->embed", "head->fc_weight", "head->lm_head", "head->cos", "head->sin",
+                           "head->k_cache", "head->v_cache", "last_hidden", "tokens", "parents", "num_nodes"};
+    for (int i = 0; i < 11; ++i) CHECK_ARG(msd::check_pointer(pointers[i], names[i]));  // fc_bias, vocab_ids may be NULL
+    CHECK_ARG(msd::check_positive(head->vocab_size, "head->vocab_size"));
+    CHECK_ARG(msd::check_positive(head->draft_vocab, "head->draft_vocab"));
+    CHECK_ARG(msd::check_positive(head->max_positions, "head->max_positions"));
+    CHECK_ARG(msd::check_positive(head->num_slots, "head->num_slots"));
+    CHECK_ARG(msd::check_stride(head->cache_head_stride, head->layer->head_dim, "head->cache_head_stride"));
+    CHECK_ARG(msd::check_stride(head->cache_slot_stride, head->layer->head_dim, "head->cache_slot_stride"));
+    CHECK_ARG(msd::check_out_rows(head->num_slots, head->layer->num_kv_heads, head->layer->head_dim,
+                                  head->cache_slot_stride, head->cache_head_stride, "head->k_cache / v_cache",
+                                  "head->cache_slot_stride", "head->cache_head_stride"));
+    if (top_k < 1 || top_k > 16 || top_k > head->draft_vocab) {
+        return msd::set_error(MSD_ERR_INVALID_ARGUMENT, "top_k must be in [1, min(16, draft_vocab = %lld)], got %lld",
+                              static_cast<long long>(head->draft_vocab), static_cast<long long>(top_k));
+    }
+    CHECK_ARG(msd::check_non_negative(depth, "depth"));
+    CHECK_ARG(msd::check_positive(total_tokens, "total_tokens"));
+    CHECK_ARG(msd::check_non_negative(committed, "committed"));
+    if (committed + depth * top_k > head->num_slots || committed + depth > head->max_positions) {
+        return msd::set_error(MSD_ERR_INVALID_ARGUMENT,
+                              "committed (%lld) + depth (%lld) x top_k (%lld) scratch slots exceed num_slots (%lld), "
+                              "or committed + depth exceeds max_positions (%lld)",
+                              static_cast<long long>(committed), static_cast<long long>(depth),
+                              static_cast<long long>(top_k), static_cast<long long>(head->num_slots),
+                              static_cast<long long>(head->max_positions));
+    }
+    CHECK_ARG(msd::check_dtype(dtype));
+    return msd::cpu::draft_tree(*head, last_hidden, committed, root_token, top_k, depth, total_tokens, tokens,
+                                parents, num_nodes, dtype, num_threads);
+}
+
 msd_status msd_set_cpu_spin_us(int microseconds) {
     msd::clear_error();
     if (microseconds < 0 || microseconds > 1000000) {

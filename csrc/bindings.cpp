@@ -45,6 +45,11 @@ struct PyArg<const msd_decoder_layer*> {  // a _C.DecoderLayer, built once per l
     static const msd_decoder_layer* from(const msd_decoder_layer& layer) { return &layer; }
 };
 template <>
+struct PyArg<const msd_draft_head*> {  // a _C.DraftHead, built once per drafter
+    using type = const msd_draft_head&;
+    static const msd_draft_head* from(const msd_draft_head& head) { return &head; }
+};
+template <>
 struct PyArg<msd_dtype> {
     using type = int;
     static msd_dtype from(int d) { return static_cast<msd_dtype>(d); }
@@ -111,6 +116,21 @@ PYBIND11_MODULE(_C, m) {
                                      rms_norm_eps, sm_scale};
         }));
     m.def("decoder_layer_cpu", checked(&msd_decoder_layer_cpu), nogil);
+    // The head keeps a reference to its layer (py::keep_alive), whose address it holds.
+    py::class_<msd_draft_head>(m, "DraftHead")
+        .def(py::init([](const msd_decoder_layer& layer, uintptr_t embed, int64_t vocab_size, uintptr_t fc_weight,
+                         uintptr_t fc_bias, uintptr_t lm_head, uintptr_t vocab_ids, int64_t draft_vocab,
+                         uintptr_t cos, uintptr_t sin, int64_t max_positions, uintptr_t k_cache, uintptr_t v_cache,
+                         int64_t num_slots, int64_t cache_head_stride, int64_t cache_slot_stride) {
+                 const auto ptr = [](uintptr_t p) { return reinterpret_cast<const void*>(p); };
+                 return msd_draft_head{&layer, ptr(embed), vocab_size, ptr(fc_weight), ptr(fc_bias), ptr(lm_head),
+                                       reinterpret_cast<const int64_t*>(vocab_ids), draft_vocab, ptr(cos), ptr(sin),
+                                       max_positions, reinterpret_cast<void*>(k_cache),
+                                       reinterpret_cast<void*>(v_cache), num_slots, cache_head_stride,
+                                       cache_slot_stride};
+             }),
+             py::keep_alive<1, 2>());
+    m.def("draft_tree_cpu", checked(&msd_draft_tree_cpu), nogil);
     m.def("cpu_isa", [] { return static_cast<int>(msd_get_cpu_isa()); });
     m.def("set_cpu_isa", checked(&msd_set_cpu_isa));
     m.def("set_cpu_spin_us", checked(&msd_set_cpu_spin_us));

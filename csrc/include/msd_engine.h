@@ -330,6 +330,57 @@ msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* 
                                  int64_t cache_slot_stride, int64_t start, int64_t prefix_len,
                                  const int32_t* mask_bits, msd_dtype dtype, int num_threads);
 
+/* The draft head for msd_draft_tree_cpu, all in one dtype with contiguous rows: `layer` (its
+ * next_norm NULL: the draft layer ends without a norm; its input is not normed either), embed
+ * [vocab_size, hidden] (the target's embedding), fc_weight [hidden, 2 hidden] (embedding columns
+ * first, then the feature's), fc_bias [hidden] or NULL, lm_head [draft_vocab, hidden] with
+ * vocab_ids [draft_vocab] the target ids of its rows (NULL: row r is token r), the rotary tables
+ * cos / sin [max_positions, head_dim], and the draft's KV cache k_cache / v_cache
+ * [num_kv_heads, num_slots, head_dim] (head and slot strides in elements). */
+typedef struct {
+    const msd_decoder_layer* layer;
+    const void* embed;
+    int64_t vocab_size;
+    const void* fc_weight;
+    const void* fc_bias;
+    const void* lm_head;
+    const int64_t* vocab_ids;
+    int64_t draft_vocab;
+    const void* cos;
+    const void* sin;
+    int64_t max_positions;
+    void* k_cache;
+    void* v_cache;
+    int64_t num_slots;
+    int64_t cache_head_stride;
+    int64_t cache_slot_stride;
+} msd_draft_head;
+
+/* One EAGLE-2 drafting step of the draft head (CPU), as msd_engine.spec.drafter.TreeDrafter.draft
+ * computes it with the per-call kernels (the same kernels on the same operands, so the same tree):
+ *   level 0: the top_k tokens of log_softmax(lm_head @ last_hidden) (msd_linear_cpu, then
+ *            msd_logsoftmax_topk_cpu), scores = their log-probs;
+ *   level l = 1..depth: the top_k frontier nodes (level 1: level 0's) go through the draft:
+ *            x = fc([embed[token], parent hidden]) + fc_bias (msd_draft_inputs_cpu), the layer with
+ *            h = residual = x (msd_decoder_layer_cpu) at position committed + l - 1, writing cache
+ *            slots committed + (l - 1) top_k + i and seeing the committed prefix, its ancestors'
+ *            slots and its own; each node's top_k children score its score + their log-probs
+ *            (float32), and the top_k best children of the level (ties to the earlier, NaN first)
+ *            are the next frontier, their hidden the layer's output rows of their parents;
+ * then the tree: the root (root_token) and the total_tokens - 1 best candidates of all levels
+ * (ties to the earlier created; a parent always outranks its child), in creation order.
+ * tokens / parents [min(total_tokens, 1 + top_k + depth top_k^2)] receive the nodes' target token
+ * ids and parent node indices (-1 for the root), num_nodes their count. last_hidden [hidden] is
+ * the draft's output at the last committed position. Needs 1 <= top_k <= min(16, draft_vocab),
+ * depth >= 0, total_tokens >= 1, committed + depth top_k <= num_slots and committed + depth <=
+ * max_positions; vocab_ids entries must lie in [0, vocab_size) (not checked per call). Scratch is
+ * per thread; linears run on msd_linear_cpu's pool (`num_threads`). A NaN in the draft's scores
+ * that would keep a child without its parent fails with MSD_ERR_INVALID_ARGUMENT. */
+msd_status msd_draft_tree_cpu(const msd_draft_head* head, const void* last_hidden, int64_t committed,
+                              int64_t root_token, int64_t top_k, int64_t depth, int64_t total_tokens,
+                              int64_t* tokens, int64_t* parents, int64_t* num_nodes, msd_dtype dtype,
+                              int num_threads);
+
 /* How long the CPU thread pool's idle workers poll for work before they sleep, in [0, 10^6]
  * microseconds (default 1000: covers the gaps between the calls of a decode step or of a
  * speculative round, Python's tree work included, so workers stay awake while the engine

@@ -155,6 +155,12 @@ class TorchOps:
             fused = torch.where(is_image[:, None], rows, fused)
         return fused
 
+    def native_draft_step(self, model, cache):
+        """A whole drafting step of `model` (a DraftModel) over `cache` in one kernel call, where the
+        backend has one: a callable (last_hidden [H], committed, root_token, TreeParams) -> (node tokens
+        [T], node parents), building the tree the drafter's per-level loop builds; None here."""
+        return None
+
     # ---- attention ---------------------------------------------------------------------------
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step) -> torch.Tensor:
         """The step's attention (`step`: a kv_cache.StepState); kernel backends read its packed mask."""

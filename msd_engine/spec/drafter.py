@@ -13,7 +13,8 @@ import torch
 
 from msd_engine.draft.model import DraftModel
 from msd_engine.kv_cache import KVCache
-from msd_engine.spec.tree import DraftTree, TreeCandidates, TreeParams, expand_topk, select_tree
+from msd_engine.spec.tree import (DraftTree, TreeCandidates, TreeParams, expand_topk, select_tree,
+                                  tree_from_parents)
 
 
 class Drafter(Protocol):
@@ -43,6 +44,8 @@ class TreeDrafter:
                              model.fc_weight.dtype, model.fc_weight.device)
         self.scratch = scratch
         self.last_hidden: Optional[torch.Tensor] = None  # [H] draft output at the last committed position
+        # The backend's one-call drafting step (CPU), or None: then `draft` runs the loop below.
+        self.native_step = model.ops.native_draft_step(model, self.cache)
 
     def reset(self) -> None:
         self.cache.reset()
@@ -69,6 +72,10 @@ class TreeDrafter:
         model, k = self.model, params.top_k
         device = self.last_hidden.device
         committed = self.cache.length
+        if self.native_step is not None:
+            native = self.native_step(self.last_hidden, committed, root_token, params)
+            if native is not None:
+                return tree_from_parents(*native)
         candidates = TreeCandidates()
         scores, tokens = (row[0] for row in model.top_k(self.last_hidden[None], k))
         frontier_ids = torch.arange(candidates.add_level(tokens, scores, torch.full_like(tokens, -1)),

@@ -216,6 +216,12 @@ def build_tree(tokens: Tensor, parents: Tensor) -> DraftTree:
     return _build(tokens.long(), host)
 
 
+def tree_from_parents(tokens: Tensor, parents: list[int]) -> DraftTree:
+    """A DraftTree from tokens [T] and host parents (parents[0] = -1, 0 <= parents[i] < i, as a
+    drafting kernel returns them; trusted, unlike `build_tree`'s)."""
+    return _build(tokens, parents)
+
+
 def _build(tokens: Tensor, parents: list[int]) -> DraftTree:
     """Plan tensors (on tokens' device) of the tree whose node i has parent parents[i] < i."""
     T = len(parents)

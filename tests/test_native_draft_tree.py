@@ -1,0 +1,169 @@
+"""msd_draft_tree_cpu (native_draft.draft_tree): the whole drafting step in one call builds the tree
+the drafter's Python loop builds from the per-call kernels, node for node, and writes the same
+scratch KV; the CPU backend routes drafting through it; bad arguments are named."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from msd_engine import Engine, native
+from msd_engine.draft.init import draft_config_for, init_draft_weights
+from msd_engine.convert.msd_draft import save_draft
+from msd_engine.native_draft import DraftHeadWeights, draft_tree
+from msd_engine.native_decoder import DecoderLayerWeights
+from msd_engine.spec.tree import TreeParams
+
+pytestmark = pytest.mark.skipif(not native.is_built(), reason="msd_engine._C is not built")
+
+TREES = [TreeParams(1, 1, 2), TreeParams(4, 1, 6), TreeParams(4, 3, 12), TreeParams(10, 5, 60), TreeParams(3, 6, 30),
+         TreeParams(16, 2, 200)]
+
+
+def write_draft(target: Engine, directory, mode: str, draft_vocab: int, seed: int, std: float = 0.5):
+    """A random draft; with draft_vocab, over that many scattered target ids. std 0.5 gives peaked
+    draft distributions, so the ranking is decided by real differences as well as near-ties."""
+    config = draft_config_for(target.config, mode, draft_vocab_size=draft_vocab)
+    vocab = target.config.text.vocab_size
+    ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:draft_vocab].sort().values \
+        if draft_vocab else None
+    save_draft(directory, config, init_draft_weights(config, target.model.text.embed_tokens, seed, std, ids),
+               force=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_llava_dir, tmp_path_factory):
+    """(draft dtype, mode, reduced vocab) -> an engine whose drafter has a committed prefix."""
+    made = {}
+    target = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=192)
+
+    def get(draft_dtype: str, mode: str, draft_vocab: int) -> Engine:
+        key = (draft_dtype, mode, draft_vocab)
+        if key not in made:
+            # float16's range: std 0.5 overflows the random layer there
+            std = 0.1 if draft_dtype == "float16" else 0.5
+            path = write_draft(target, tmp_path_factory.mktemp("draft") / mode, mode, draft_vocab, len(made), std)
+            engine = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=192, draft=path,
+                                 tree=TreeParams(16, 6, 60), draft_dtype=draft_dtype)
+            engine.config = dataclasses.replace(engine.config, eos_token_ids=())
+            engine.generate(input_ids=[1, 5, 9, 200, 31], max_new_tokens=12)  # prefill + a few rounds
+            made[key] = engine
+        return made[key]
+    return get
+
+
+def draft_both_ways(drafter, root: int, params: TreeParams):
+    """(tree, scratch KV) from the Python loop, then from the native step, same start state."""
+    native_step, out = drafter.native_step, []
+    committed = drafter.cache.length
+    scratch = slice(committed, committed + params.depth * params.top_k)
+    for step in (None, native_step):
+        drafter.native_step = step
+        drafter.cache.arena[:, :, :, scratch] = float("nan")
+        with torch.inference_mode():
+            tree = drafter.draft(root, params)
+        out.append((tree, drafter.cache.arena[:, :, :, scratch].clone()))
+    drafter.native_step = native_step
+    assert drafter.cache.length == committed
+    return out
+
+
+@pytest.mark.parametrize("tree", TREES, ids=str)
+@pytest.mark.parametrize("draft_dtype, mode, draft_vocab", [("float32", "msd", 0), ("bfloat16", "eagle", 0),
+                                                            ("bfloat16", "msd", 700), ("float16", "msd", 300)])
+def test_native_step_builds_the_python_loops_tree(engines, tree, draft_dtype, mode, draft_vocab):
+    drafter = engines(draft_dtype, mode, draft_vocab).drafter
+    assert drafter.native_step is not None
+    for root in (3, 1000, 31999):
+        (want, want_kv), (got, got_kv) = draft_both_ways(drafter, root, tree)
+        assert got.tokens.tolist() == want.tokens.tolist()
+        assert got.parents.tolist() == want.parents.tolist()
+        assert torch.equal(got.depths, want.depths) and torch.equal(got.mask, want.mask)
+        assert torch.equal(got.paths, want.paths)
+        assert got.num_nodes == min(tree.total_tokens, tree.max_nodes)
+        # the same scratch KV, bit for bit (NaN-filled first: every written slot is compared)
+        assert torch.equal(got_kv.isnan(), want_kv.isnan()) and torch.equal(got_kv.nan_to_num(), want_kv.nan_to_num())
+
+
+def test_every_simd_path_builds_the_same_tree_as_its_loop(engines):
+    drafter = engines("bfloat16", "msd", 700).drafter
+    try:
+        for isa in native.CPU_ISAS:
+            try:
+                native.set_cpu_isa(isa)
+            except (RuntimeError, ValueError):
+                continue
+            (want, _), (got, _) = draft_both_ways(drafter, 77, TreeParams(4, 3, 12))
+            assert got.tokens.tolist() == want.tokens.tolist() and got.parents.tolist() == want.parents.tolist()
+    finally:
+        native.set_cpu_isa(None)
+
+
+def test_backends_and_wide_levels_take_the_loop(tiny_llava_dir, engines, monkeypatch, tmp_path):
+    engine = engines("float32", "msd", 0)
+    drafter = engine.drafter
+    calls = []
+    monkeypatch.setattr("msd_engine.ops.cpu_ops.draft_tree", lambda *a: calls.append(a) or draft_tree(*a))
+    drafter.native_step = drafter.model.ops.native_draft_step(drafter.model, drafter.cache)
+    with torch.inference_mode():
+        drafter.draft(5, TreeParams(4, 2, 10))
+        assert len(calls) == 1
+        wide = drafter.draft(5, TreeParams(17, 1, 40))  # levels wider than 16 rows: the per-level loop
+    assert len(calls) == 1 and wide.num_nodes == 40
+    torch_engine = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=64, backend="torch",
+                               draft=write_draft(engine, tmp_path / "msd", "msd", 0, seed=9))
+    assert torch_engine.drafter.native_step is None
+
+
+@pytest.fixture
+def head(engines):
+    drafter = engines("float32", "msd", 0).drafter
+    model = drafter.model
+    parts = dict(layer=model.block.native, embed=model.embed_tokens, fc_weight=model.fc_weight,
+                 fc_bias=model.fc_bias, lm_head=model.lm_head, vocab_ids=model.vocab_ids, cos=model.cos,
+                 sin=model.sin, k_cache=drafter.cache.keys[0], v_cache=drafter.cache.values[0])
+    return parts, drafter
+
+
+def test_head_argument_errors(head):
+    parts, drafter = head
+    layer = parts["layer"]
+    normed = DecoderLayerWeights(*layer.tensors[:5], layer.tensors[2], num_heads=drafter.model.config.num_heads,
+                                 num_kv_heads=layer.num_kv_heads, head_dim=layer.head_dim, rms_norm_eps=1e-5)
+    bad_ids = torch.arange(parts["lm_head"].shape[0] - 1, -1, -1, dtype=torch.int64) + 5
+    cases = [({"layer": normed}, ValueError, "no next_norm"),
+             ({"layer": "layer"}, TypeError, "DecoderLayerWeights"),
+             ({"fc_weight": parts["fc_weight"].t()}, ValueError, "fc_weight has shape"),
+             ({"lm_head": parts["lm_head"][:100]}, ValueError, "pass the rows' vocab_ids"),
+             ({"vocab_ids": bad_ids}, ValueError, r"vocab_ids must lie in \[0, "),
+             ({"cos": parts["cos"].double()}, TypeError, "cos is torch.float64"),
+             ({"k_cache": parts["k_cache"][:, :, :4]}, ValueError, "k_cache has shape"),
+             ({"v_cache": parts["v_cache"].double()}, TypeError, "v_cache must be a torch.float32")]
+    for change, error, match in cases:
+        with pytest.raises(error, match=match):
+            DraftHeadWeights(**{**parts, **change})
+
+
+def test_step_argument_errors(head):
+    parts, drafter = head
+    weights = DraftHeadWeights(**parts)
+    hidden = drafter.last_hidden.contiguous()
+    slots = weights.num_slots
+    with pytest.raises(ValueError, match="last_hidden must be a contiguous torch.float32"):
+        draft_tree(weights, hidden[:-1], 10, 3, 4, 2, 10)
+    with pytest.raises(ValueError, match="top_k must be <= 16"):
+        draft_tree(weights, hidden, 10, 3, 17, 1, 10)
+    with pytest.raises(TypeError, match="depth must be an int"):
+        draft_tree(weights, hidden, 10, 3, 4, 2.0, 10)
+    with pytest.raises(ValueError, match=r"committed \(\d+\) \+ depth \(2\) x top_k \(4\) scratch slots exceed"):
+        draft_tree(weights, hidden, slots - 7, 3, 4, 2, 10)
+    lib = native._lib()
+    out = torch.empty(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="tokens is a null pointer"):
+        lib.draft_tree_cpu(weights.head, hidden.data_ptr(), 10, 3, 1, 1, 3, 0, out.data_ptr(), out.data_ptr(),
+                           weights.code, 0)
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, min\(16"):
+        lib.draft_tree_cpu(weights.head, hidden.data_ptr(), 10, 3, 0, 1, 3, out.data_ptr(), out.data_ptr(),
+                           out.data_ptr(), weights.code, 0)
