@@ -392,6 +392,31 @@ msd_status check_decoder_layer(const msd_decoder_layer* layer, const DecoderStep
     return MSD_OK;
 }
 
+// The draft head's weights, tables and cache (msd_draft_tree_cpu, msd_draft_extend_cpu).
+msd_status check_draft_head(const msd_draft_head* head) {
+    CHECK_ARG(check_pointer(head, "head"));
+    CHECK_ARG(check_decoder_weights(head->layer));
+    if (head->layer->next_norm != nullptr) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT,
+                         "head->layer->next_norm must be NULL (no norm after the draft layer)");
+    }
+    const void* pointers[] = {head->embed, head->fc_weight, head->lm_head, head->cos, head->sin, head->k_cache,
+                              head->v_cache};
+    const char* names[] = {"head->embed", "head->fc_weight", "head->lm_head", "head->cos", "head->sin",
+                           "head->k_cache", "head->v_cache"};
+    for (int i = 0; i < 7; ++i) CHECK_ARG(check_pointer(pointers[i], names[i]));  // fc_bias, vocab_ids may be NULL
+    CHECK_ARG(check_positive(head->vocab_size, "head->vocab_size"));
+    CHECK_ARG(check_positive(head->draft_vocab, "head->draft_vocab"));
+    CHECK_ARG(check_positive(head->max_positions, "head->max_positions"));
+    CHECK_ARG(check_positive(head->num_slots, "head->num_slots"));
+    CHECK_ARG(check_stride(head->cache_head_stride, head->layer->head_dim, "head->cache_head_stride"));
+    CHECK_ARG(check_stride(head->cache_slot_stride, head->layer->head_dim, "head->cache_slot_stride"));
+    CHECK_ARG(check_out_rows(head->num_slots, head->layer->num_kv_heads, head->layer->head_dim,
+                             head->cache_slot_stride, head->cache_head_stride, "head->k_cache / v_cache",
+                             "head->cache_slot_stride", "head->cache_head_stride"));
+    return MSD_OK;
+}
+
 #if !defined(MSD_ENGINE_WITH_CUDA)
 msd_status cuda_not_compiled(const char* function) {
     return set_error(MSD_ERR_NOT_COMPILED,
@@ -606,30 +631,49 @@ msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* 
     return msd::cpu::decoder_layer(*layer, step, dtype, num_threads);
 }
 
+msd_status msd_draft_extend_cpu(const msd_draft_head* head, const int64_t* token_ids, const void* features,
+                                int64_t num_tokens, int64_t features_row_stride, int64_t committed, void* hidden,
+                                int64_t hidden_row_stride, msd_dtype dtype, int num_threads) {
+    msd::clear_error();
+    CHECK_ARG(msd::check_draft_head(head));
+    CHECK_ARG(msd::check_pointer(token_ids, "token_ids"));
+    CHECK_ARG(msd::check_pointer(features, "features"));
+    CHECK_ARG(msd::check_pointer(hidden, "hidden"));
+    if (num_tokens < 1 || num_tokens > 16) {
+        return msd::set_error(MSD_ERR_INVALID_ARGUMENT, "num_tokens must be in [1, 16], got %lld",
+                              static_cast<long long>(num_tokens));
+    }
+    const int64_t h = head->layer->hidden;
+    CHECK_ARG(msd::check_stride(features_row_stride, h, "features_row_stride"));
+    CHECK_ARG(msd::check_stride(hidden_row_stride, h, "hidden_row_stride"));
+    CHECK_ARG(msd::check_non_negative(committed, "committed"));
+    if (committed + num_tokens > head->num_slots || committed + num_tokens > head->max_positions) {
+        return msd::set_error(MSD_ERR_INVALID_ARGUMENT,
+                              "committed (%lld) + num_tokens (%lld) exceeds num_slots (%lld) or max_positions (%lld)",
+                              static_cast<long long>(committed), static_cast<long long>(num_tokens),
+                              static_cast<long long>(head->num_slots), static_cast<long long>(head->max_positions));
+    }
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        if (token_ids[t] < 0 || token_ids[t] >= head->vocab_size) {
+            return msd::set_error(MSD_ERR_INVALID_ARGUMENT, "token_ids[%lld] = %lld is outside [0, vocab_size = %lld)",
+                                  static_cast<long long>(t), static_cast<long long>(token_ids[t]),
+                                  static_cast<long long>(head->vocab_size));
+        }
+    }
+    CHECK_ARG(msd::check_dtype(dtype));
+    return msd::cpu::draft_extend(*head, token_ids, features, num_tokens, features_row_stride, committed, hidden,
+                                  hidden_row_stride, dtype, num_threads);
+}
+
 msd_status msd_draft_tree_cpu(const msd_draft_head* head, const void* last_hidden, int64_t committed,
                               int64_t root_token, int64_t top_k, int64_t depth, int64_t total_tokens,
                               int64_t* tokens, int64_t* parents, int64_t* num_nodes, msd_dtype dtype,
                               int num_threads) {
     msd::clear_error();
-    CHECK_ARG(msd::check_pointer(head, "head"));
-    CHECK_ARG(msd::check_decoder_weights(head->layer));
-    if (head->layer->next_norm != nullptr) {
-        return msd::set_error(MSD_ERR_INVALID_ARGUMENT, "head->layer->next_norm must be NULL (no norm after the draft layer)");
-    }
-    const void* pointers[] = {head->embed, head->fc_weight, head->lm_head, head->cos, head->sin, head->k_cache,
-                              head->v_cache, last_hidden, tokens, parents, num_nodes};
-    const char* names[] = {"head->embed", "head->fc_weight", "head->lm_head", "head->cos", "head->sin",
-                           "head->k_cache", "head->v_cache", "last_hidden", "tokens", "parents", "num_nodes"};
-    for (int i = 0; i < 11; ++i) CHECK_ARG(msd::check_pointer(pointers[i], names[i]));  // fc_bias, vocab_ids may be NULL
-    CHECK_ARG(msd::check_positive(head->vocab_size, "head->vocab_size"));
-    CHECK_ARG(msd::check_positive(head->draft_vocab, "head->draft_vocab"));
-    CHECK_ARG(msd::check_positive(head->max_positions, "head->max_positions"));
-    CHECK_ARG(msd::check_positive(head->num_slots, "head->num_slots"));
-    CHECK_ARG(msd::check_stride(head->cache_head_stride, head->layer->head_dim, "head->cache_head_stride"));
-    CHECK_ARG(msd::check_stride(head->cache_slot_stride, head->layer->head_dim, "head->cache_slot_stride"));
-    CHECK_ARG(msd::check_out_rows(head->num_slots, head->layer->num_kv_heads, head->layer->head_dim,
-                                  head->cache_slot_stride, head->cache_head_stride, "head->k_cache / v_cache",
-                                  "head->cache_slot_stride", "head->cache_head_stride"));
+    CHECK_ARG(msd::check_draft_head(head));
+    const void* pointers[] = {last_hidden, tokens, parents, num_nodes};
+    const char* names[] = {"last_hidden", "tokens", "parents", "num_nodes"};
+    for (int i = 0; i < 4; ++i) CHECK_ARG(msd::check_pointer(pointers[i], names[i]));
     if (top_k < 1 || top_k > 16 || top_k > head->draft_vocab) {
         return msd::set_error(MSD_ERR_INVALID_ARGUMENT, "top_k must be in [1, min(16, draft_vocab = %lld)], got %lld",
                               static_cast<long long>(head->draft_vocab), static_cast<long long>(top_k));

@@ -131,6 +131,7 @@ PYBIND11_MODULE(_C, m) {
              }),
              py::keep_alive<1, 2>());
     m.def("draft_tree_cpu", checked(&msd_draft_tree_cpu), nogil);
+    m.def("draft_extend_cpu", checked(&msd_draft_extend_cpu), nogil);
     m.def("cpu_isa", [] { return static_cast<int>(msd_get_cpu_isa()); });
     m.def("set_cpu_isa", checked(&msd_set_cpu_isa));
     m.def("set_cpu_spin_us", checked(&msd_set_cpu_spin_us));

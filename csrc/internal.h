@@ -118,6 +118,9 @@ msd_status draft_inputs(const DraftInputs& args, int num_threads);
 msd_status rope_kv_write(const RopeKvWrite& args);
 msd_status decoder_layer(const msd_decoder_layer& layer, const DecoderStep& step, msd_dtype dtype,
                          int num_threads);
+msd_status draft_extend(const msd_draft_head& head, const int64_t* token_ids, const void* features,
+                        int64_t m, int64_t features_row_stride, int64_t committed, void* hidden,
+                        int64_t hidden_row_stride, msd_dtype dtype, int num_threads);
 msd_status draft_tree(const msd_draft_head& head, const void* last_hidden, int64_t committed,
                       int64_t root_token, int64_t top_k, int64_t depth, int64_t total_tokens, int64_t* tokens,
                       int64_t* parents, int64_t* num_nodes, msd_dtype dtype, int num_threads);

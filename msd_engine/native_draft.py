@@ -1,10 +1,12 @@
-"""A whole EAGLE-2 drafting step of the draft head as one CPU kernel call (`msd_draft_tree_cpu`).
+"""The draft head's per-round steps as one CPU kernel call each (`msd_draft_extend_cpu`,
+`msd_draft_tree_cpu`).
 
 `DraftHeadWeights` checks the draft head's tensors and its KV cache once (when the drafter is
-built) and keeps them alive; `draft_tree` then runs a step with a few cheap checks. The tree is the
-one `TreeDrafter`'s Python loop builds from the per-call kernels (`native.draft_inputs`,
-`native_decoder.decoder_layers`, `native.linear`, `native.logsoftmax_topk`): the C loop runs those
-kernels on the same operands and ranks candidates the same way, without ~0.4 ms of Python a step.
+built) and keeps them alive; `draft_extend` and `draft_tree` then run with a few cheap checks. They
+compute what `TreeDrafter.extend` and `TreeDrafter.draft` compute from the per-call kernels
+(`native.draft_inputs`, `native_decoder.decoder_layers`, `native.linear`, `native.logsoftmax_topk`):
+the C code runs those kernels on the same operands and ranks candidates the same way, without the
+Python between them (~0.4 ms a drafting step, ~0.2 ms a commit).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from msd_engine.native import _DTYPE_CODES, _cache_strides, _check_index, _lib
 from msd_engine.native_decoder import DecoderLayerWeights
 
-MAX_TOP_K = 16  # the kernels' decode-sized steps (CpuOps.SKINNY_ROWS): wider levels take the Python loop
+MAX_ROWS = 16  # the kernels' decode-sized steps (CpuOps.SKINNY_ROWS): wider ones take the Python path
 
 
 def _check(t: Optional[torch.Tensor], name: str, shape: tuple, dtype: torch.dtype) -> int:
@@ -98,8 +100,8 @@ def draft_tree(head: DraftHeadWeights, last_hidden: torch.Tensor, committed: int
     for value, name, low in ((committed, "committed", 0), (top_k, "top_k", 1), (depth, "depth", 0),
                              (total_tokens, "total_tokens", 1), (root_token, "root_token", 0)):
         _check_index(value, name, low)
-    if top_k > MAX_TOP_K:
-        raise ValueError(f"top_k must be <= {MAX_TOP_K} for the native drafting step, got {top_k}")
+    if top_k > MAX_ROWS:
+        raise ValueError(f"top_k must be <= {MAX_ROWS} for the native drafting step, got {top_k}")
     most = min(total_tokens, 1 + top_k + depth * top_k * top_k)
     if head._tokens.shape[0] < most:
         head._tokens = torch.empty(most, dtype=torch.int64)
@@ -109,3 +111,29 @@ def draft_tree(head: DraftHeadWeights, last_hidden: torch.Tensor, committed: int
                           num_threads)
     n = int(head._count[0])
     return head._tokens[:n].clone(), head._parents[:n].tolist()
+
+
+def draft_extend(head: DraftHeadWeights, token_ids: torch.Tensor, features: torch.Tensor, committed: int,
+                 num_threads: int = 0) -> torch.Tensor:
+    """Commit m (1..16) text tokens at positions committed.. (cache slots committed..committed + m):
+    token_ids int64 [m], features [m, H] in the head's dtype (contiguous rows) -> the draft's hidden
+    [m, H], as `TreeDrafter.extend` computes them."""
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dtype != torch.int64 or token_ids.dim() != 1 \
+            or not token_ids.is_cpu:
+        raise TypeError(f"token_ids must be a 1-D int64 CPU tensor, got "
+                        f"{getattr(token_ids, 'dtype', type(token_ids).__name__)}")
+    m = token_ids.shape[0]
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"draft_extend commits 1..{MAX_ROWS} tokens, got {m}")
+    if not isinstance(features, torch.Tensor) or features.dtype != head.dtype or not features.is_cpu \
+            or tuple(features.shape) != (m, head.hidden) or features.stride(1) != 1:
+        raise ValueError(f"features must be {head.dtype} CPU [{m}, {head.hidden}] with contiguous rows, got "
+                         f"{getattr(features, 'dtype', type(features).__name__)} "
+                         f"{tuple(getattr(features, 'shape', ()))}")
+    _check_index(committed, "committed", 0)
+    token_ids = token_ids.contiguous()
+    hidden = torch.empty(m, head.hidden, dtype=head.dtype)
+    _lib().draft_extend_cpu(head.head, token_ids.data_ptr(), features.data_ptr(), m,
+                            features.stride(0) if m > 1 else head.hidden, committed, hidden.data_ptr(), head.hidden,
+                            head.code, num_threads)
+    return hidden

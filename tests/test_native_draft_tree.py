@@ -11,7 +11,7 @@ import torch
 from msd_engine import Engine, native
 from msd_engine.draft.init import draft_config_for, init_draft_weights
 from msd_engine.convert.msd_draft import save_draft
-from msd_engine.native_draft import DraftHeadWeights, draft_tree
+from msd_engine.native_draft import DraftHeadWeights, draft_extend, draft_tree
 from msd_engine.native_decoder import DecoderLayerWeights
 from msd_engine.spec.tree import TreeParams
 
@@ -56,16 +56,16 @@ def engines(tiny_llava_dir, tmp_path_factory):
 
 def draft_both_ways(drafter, root: int, params: TreeParams):
     """(tree, scratch KV) from the Python loop, then from the native step, same start state."""
-    native_step, out = drafter.native_step, []
+    native, out = drafter.native, []
     committed = drafter.cache.length
     scratch = slice(committed, committed + params.depth * params.top_k)
-    for step in (None, native_step):
-        drafter.native_step = step
+    for step in (None, native):
+        drafter.native = step
         drafter.cache.arena[:, :, :, scratch] = float("nan")
         with torch.inference_mode():
             tree = drafter.draft(root, params)
         out.append((tree, drafter.cache.arena[:, :, :, scratch].clone()))
-    drafter.native_step = native_step
+    drafter.native = native
     assert drafter.cache.length == committed
     return out
 
@@ -75,7 +75,7 @@ def draft_both_ways(drafter, root: int, params: TreeParams):
                                                             ("bfloat16", "msd", 700), ("float16", "msd", 300)])
 def test_native_step_builds_the_python_loops_tree(engines, tree, draft_dtype, mode, draft_vocab):
     drafter = engines(draft_dtype, mode, draft_vocab).drafter
-    assert drafter.native_step is not None
+    assert drafter.native is not None
     for root in (3, 1000, 31999):
         (want, want_kv), (got, got_kv) = draft_both_ways(drafter, root, tree)
         assert got.tokens.tolist() == want.tokens.tolist()
@@ -85,6 +85,32 @@ def test_native_step_builds_the_python_loops_tree(engines, tree, draft_dtype, mo
         assert got.num_nodes == min(tree.total_tokens, tree.max_nodes)
         # the same scratch KV, bit for bit (NaN-filled first: every written slot is compared)
         assert torch.equal(got_kv.isnan(), want_kv.isnan()) and torch.equal(got_kv.nan_to_num(), want_kv.nan_to_num())
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+@pytest.mark.parametrize("draft_dtype, mode, draft_vocab", [("float32", "msd", 0), ("bfloat16", "eagle", 700)])
+def test_native_extend_commits_what_the_python_path_commits(engines, m, draft_dtype, mode, draft_vocab):
+    """Same hidden rows, same KV slots, same cache length and last hidden; float32 target features
+    over a bfloat16 draft are converted as the Python path converts them."""
+    drafter = engines(draft_dtype, mode, draft_vocab).drafter
+    g = torch.Generator().manual_seed(m)
+    tokens = torch.randint(0, drafter.model.embed_tokens.shape[0], (m,), generator=g)
+    features = torch.randn(m, drafter.model.embed_tokens.shape[1], generator=g)  # the float32 target's
+    committed = drafter.cache.length
+    native, got = drafter.native, []
+    for step in (None, native):
+        drafter.native = step
+        drafter.cache.length = committed
+        drafter.cache.arena[:, :, :, committed:committed + m] = float("nan")
+        with torch.inference_mode():
+            hidden = drafter.extend(tokens, None, None, features)
+        got.append((hidden, drafter.last_hidden.clone(), drafter.cache.length,
+                    drafter.cache.arena[:, :, :, committed:committed + m].clone()))
+    drafter.native = native
+    drafter.cache.length = committed
+    (want_h, want_last, want_len, want_kv), (got_h, got_last, got_len, got_kv) = got
+    assert torch.equal(got_h, want_h) and torch.equal(got_last, want_last) and got_len == want_len == committed + m
+    assert not got_kv.isnan().any() and torch.equal(got_kv, want_kv)
 
 
 def test_every_simd_path_builds_the_same_tree_as_its_loop(engines):
@@ -106,7 +132,7 @@ def test_backends_and_wide_levels_take_the_loop(tiny_llava_dir, engines, monkeyp
     drafter = engine.drafter
     calls = []
     monkeypatch.setattr("msd_engine.ops.cpu_ops.draft_tree", lambda *a: calls.append(a) or draft_tree(*a))
-    drafter.native_step = drafter.model.ops.native_draft_step(drafter.model, drafter.cache)
+    drafter.native = drafter.model.ops.native_draft_head(drafter.model, drafter.cache)
     with torch.inference_mode():
         drafter.draft(5, TreeParams(4, 2, 10))
         assert len(calls) == 1
@@ -114,7 +140,7 @@ def test_backends_and_wide_levels_take_the_loop(tiny_llava_dir, engines, monkeyp
     assert len(calls) == 1 and wide.num_nodes == 40
     torch_engine = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=64, backend="torch",
                                draft=write_draft(engine, tmp_path / "msd", "msd", 0, seed=9))
-    assert torch_engine.drafter.native_step is None
+    assert torch_engine.drafter.native is None
 
 
 @pytest.fixture
@@ -159,6 +185,14 @@ def test_step_argument_errors(head):
         draft_tree(weights, hidden, 10, 3, 4, 2.0, 10)
     with pytest.raises(ValueError, match=r"committed \(\d+\) \+ depth \(2\) x top_k \(4\) scratch slots exceed"):
         draft_tree(weights, hidden, slots - 7, 3, 4, 2, 10)
+    with pytest.raises(ValueError, match=r"draft_extend commits 1..16 tokens, got 17"):
+        draft_extend(weights, torch.zeros(17, dtype=torch.int64), torch.zeros(17, weights.hidden), 10)
+    with pytest.raises(ValueError, match=r"features must be torch.float32 CPU \[2, "):
+        draft_extend(weights, torch.zeros(2, dtype=torch.int64), torch.zeros(3, weights.hidden), 10)
+    with pytest.raises(ValueError, match=r"token_ids\[1\] = -4 is outside \[0, vocab_size"):
+        draft_extend(weights, torch.tensor([3, -4]), torch.zeros(2, weights.hidden), 10)
+    with pytest.raises(ValueError, match=r"committed \(\d+\) \+ num_tokens \(2\) exceeds num_slots"):
+        draft_extend(weights, torch.tensor([3, 4]), torch.zeros(2, weights.hidden), slots - 1)
     lib = native._lib()
     out = torch.empty(3, dtype=torch.int64)
     with pytest.raises(ValueError, match="tokens is a null pointer"):

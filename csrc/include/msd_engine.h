@@ -356,6 +356,18 @@ typedef struct {
     int64_t cache_slot_stride;
 } msd_draft_head;
 
+/* Commits num_tokens (1..16) text tokens to the draft (CPU), as
+ * msd_engine.spec.drafter.TreeDrafter.extend computes them with the per-call kernels: row t is
+ * x_t = fc([embed[token_ids[t]], features[t]]) + fc_bias (msd_draft_inputs_cpu), then the layer with
+ * h = residual = x (msd_decoder_layer_cpu) at position committed + t, writing cache slot
+ * committed + t and seeing the slots before committed and the rows up to t (causal). hidden
+ * [num_tokens, hidden] (row stride hidden_row_stride) receives the layer's output rows. features
+ * [num_tokens, hidden] has row stride features_row_stride; token ids must lie in [0, vocab_size);
+ * committed + num_tokens <= num_slots and <= max_positions. */
+msd_status msd_draft_extend_cpu(const msd_draft_head* head, const int64_t* token_ids, const void* features,
+                                int64_t num_tokens, int64_t features_row_stride, int64_t committed, void* hidden,
+                                int64_t hidden_row_stride, msd_dtype dtype, int num_threads);
+
 /* One EAGLE-2 drafting step of the draft head (CPU), as msd_engine.spec.drafter.TreeDrafter.draft
  * computes it with the per-call kernels (the same kernels on the same operands, so the same tree):
  *   level 0: the top_k tokens of log_softmax(lm_head @ last_hidden) (msd_linear_cpu, then

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from msd_engine import native
 from msd_engine.kv_cache import pack_mask
 from msd_engine.native_decoder import DecoderLayerWeights, decoder_layers
-from msd_engine.native_draft import MAX_TOP_K, DraftHeadWeights, draft_tree
+from msd_engine.native_draft import MAX_ROWS, DraftHeadWeights, draft_extend, draft_tree
 from msd_engine.ops.torch_ops import DecoderBlock, TorchOps
 
 SKINNY_ROWS = 16  # up to this many rows the native kernel streams the weight once
@@ -100,10 +100,11 @@ class CpuOps(TorchOps):
             return super().logsoftmax_topk(hidden, weight, k)
         return native.logsoftmax_topk(self.linear(hidden, weight), k)
 
-    def native_draft_step(self, model, cache):
-        # The drafting loop in C (msd_draft_tree_cpu): the kernels the loop calls one by one, with
-        # the bookkeeping between them, in one call (draft() 1154 -> ~780 us a step, bf16 (4,1,6)).
-        # Levels wider than SKINNY_ROWS would take torch's GEMMs in the loop: those stay in Python.
+    def native_draft_head(self, model, cache):
+        # The draft head's per-round steps in C (msd_draft_extend_cpu, msd_draft_tree_cpu): the
+        # kernels the Python path calls one by one, with the bookkeeping between them, in one call
+        # (a drafting step 1154 -> ~780 us, bf16 draft, tree (4,1,6)). Steps wider than SKINNY_ROWS
+        # would take torch's GEMMs on the Python path: those stay there.
         native_layer = getattr(model.block, "native", None)
         if native_layer is None:
             return None
@@ -111,14 +112,8 @@ class CpuOps(TorchOps):
             head = DraftHeadWeights(native_layer, model.embed_tokens, model.fc_weight, model.fc_bias, model.lm_head,
                                     model.vocab_ids, model.cos, model.sin, cache.keys[0], cache.values[0])
         except (TypeError, ValueError):
-            return None  # e.g. weights in mixed dtypes: the per-level loop handles those
-
-        def step(last_hidden, committed, root_token, params):
-            if params.top_k > MAX_TOP_K:
-                return None
-            return draft_tree(head, last_hidden, committed, root_token, params.top_k, params.depth,
-                              params.total_tokens)
-        return step
+            return None  # e.g. weights in mixed dtypes: the Python path handles those
+        return NativeDraftHead(head)
 
     def attention(self, q, k_cache, v_cache, step):
         # The step's mask is bit-packed once (StepState.mask_bits) and shared by every layer.
@@ -172,3 +167,21 @@ class CpuOps(TorchOps):
         if not _skinny(x) or weight.stride(-1) != 1:
             return F.linear(x, weight, bias)
         return native.linear(x, weight, bias)
+
+
+class NativeDraftHead:
+    """`TorchOps.native_draft_head`'s steps on msd_engine._C; each returns None for a step it does not take."""
+
+    def __init__(self, head: DraftHeadWeights):
+        self.head = head
+
+    def extend(self, token_ids, features, committed):
+        if not 1 <= token_ids.shape[0] <= MAX_ROWS:
+            return None
+        return draft_extend(self.head, token_ids, features.to(self.head.dtype), committed)
+
+    def tree(self, last_hidden, committed, root_token, params):
+        if params.top_k > MAX_ROWS:
+            return None
+        return draft_tree(self.head, last_hidden, committed, root_token, params.top_k, params.depth,
+                          params.total_tokens)

@@ -155,10 +155,12 @@ class TorchOps:
             fused = torch.where(is_image[:, None], rows, fused)
         return fused
 
-    def native_draft_step(self, model, cache):
-        """A whole drafting step of `model` (a DraftModel) over `cache` in one kernel call, where the
-        backend has one: a callable (last_hidden [H], committed, root_token, TreeParams) -> (node tokens
-        [T], node parents), building the tree the drafter's per-level loop builds; None here."""
+    def native_draft_head(self, model, cache):
+        """The draft head's per-round steps as one kernel call each, where the backend has them: an
+        object with `extend(token_ids [m], features [m, H], committed) -> hidden [m, H]` (text tokens)
+        and `tree(last_hidden [H], committed, root_token, TreeParams) -> (node tokens [T], node parents)`,
+        computing what the drafter's Python path computes, each returning None for a step it does not
+        take; None here."""
         return None
 
     # ---- attention ---------------------------------------------------------------------------

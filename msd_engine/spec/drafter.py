@@ -21,11 +21,12 @@ class Drafter(Protocol):
     def reset(self) -> None:
         """Forget the previous request."""
 
-    def extend(self, token_ids: torch.Tensor, image_embeds: Optional[torch.Tensor], is_image: torch.Tensor,
+    def extend(self, token_ids: torch.Tensor, image_embeds: Optional[torch.Tensor], is_image: Optional[torch.Tensor],
                features: torch.Tensor) -> torch.Tensor:
         """Commit m draft positions: token_ids [m] are the tokens at target positions p+1..p+m,
         features [m, H] the target's features at p..p+m-1; where is_image [m], the token is an
-        image patch whose projector output is image_embeds [m, H]. Returns the draft's hidden [m, H]."""
+        image patch whose projector output is image_embeds [m, H] (is_image None: text tokens only).
+        Returns the draft's hidden [m, H]."""
 
     def draft(self, root_token: int, params: TreeParams) -> DraftTree:
         """Propose a tree rooted at `root_token` (the last emitted token)."""
@@ -44,8 +45,8 @@ class TreeDrafter:
                              model.fc_weight.dtype, model.fc_weight.device)
         self.scratch = scratch
         self.last_hidden: Optional[torch.Tensor] = None  # [H] draft output at the last committed position
-        # The backend's one-call drafting step (CPU), or None: then `draft` runs the loop below.
-        self.native_step = model.ops.native_draft_step(model, self.cache)
+        # The backend's one-call steps (CPU), or None: then extend / draft run the Python below.
+        self.native = model.ops.native_draft_head(model, self.cache)
 
     def reset(self) -> None:
         self.cache.reset()
@@ -55,8 +56,14 @@ class TreeDrafter:
         model = self.model
         m = token_ids.shape[0]
         self.cache.check_fits(m)
-        x = model.inputs(token_ids, features, image_embeds, is_image)
         start = self.cache.length
+        if self.native is not None and is_image is None and image_embeds is None:
+            hidden = self.native.extend(token_ids, features, start)
+            if hidden is not None:
+                self.cache.advance(m)
+                self.last_hidden = hidden[-1]
+                return hidden
+        x = model.inputs(token_ids, features, image_embeds, is_image)
         positions = torch.arange(start, start + m, device=x.device)
         causal = torch.ones(m, m, dtype=torch.bool, device=x.device).tril() if m > 1 else None
         hidden = model.forward(x, model.plan_step(positions, start, causal), self.cache)
@@ -72,8 +79,8 @@ class TreeDrafter:
         model, k = self.model, params.top_k
         device = self.last_hidden.device
         committed = self.cache.length
-        if self.native_step is not None:
-            native = self.native_step(self.last_hidden, committed, root_token, params)
+        if self.native is not None:
+            native = self.native.tree(self.last_hidden, committed, root_token, params)
             if native is not None:
                 return tree_from_parents(*native)
         candidates = TreeCandidates()

@@ -142,8 +142,7 @@ def _speculate_round(model: LlavaModel, cache: KVCache, drafter: Drafter, root: 
         emitted = tree.tokens[nodes[1:]].tolist() + [bonus]
         stats.other_ms += timer.lap()
         device = logits.device
-        drafter.extend(torch.tensor(emitted, device=device), None,
-                       torch.zeros(len(emitted), dtype=torch.bool, device=device), hidden[nodes])
+        drafter.extend(torch.tensor(emitted, device=device), None, None, hidden[nodes])  # text tokens
         stats.draft_ms += timer.lap()
     stats.target_forwards += 1
     stats.verify_forwards += 1

@@ -1,9 +1,14 @@
-// msd_draft_tree_cpu: a whole EAGLE-2 drafting step of the draft head in one call (semantics in
-// msd_engine.h), the loop msd_engine.spec.drafter.TreeDrafter.draft runs in Python, on the same
-// kernels: per level draft_inputs (embedding + fc), decoder_layer (the draft's one layer, no norm
-// after it), linear (lm_head) and logsoftmax_topk, then the frontier and the final selection on
-// host arrays. The kernels are those of the per-call path with the same operands, so the tree is
-// the Python loop's; what goes is ~0.4 ms of Python per step (SmolLM2 draft, 2-core Xeon).
+// The draft head's two per-round steps in one call each (semantics in msd_engine.h).
+//
+// msd_draft_extend_cpu commits accepted tokens: draft_inputs and the layer over the m rows under a
+// causal mask, as TreeDrafter.extend computes them for text tokens.
+//
+// msd_draft_tree_cpu: a whole EAGLE-2 drafting step, the loop TreeDrafter.draft runs in Python, on
+// the same kernels: per level draft_inputs (embedding + fc), decoder_layer (the draft's one layer,
+// no norm after it), linear (lm_head) and logsoftmax_topk, then the frontier and the final
+// selection on host arrays. The kernels are those of the per-call path with the same operands, so
+// the tree is the Python loop's; what goes is ~0.4 ms of Python per step (SmolLM2 draft, 2-core
+// Xeon), and the commit's ~0.2 ms.
 //
 // Scratch slots: level l (1-based) writes its k frontier nodes at slots committed + (l - 1) k ..,
 // and each node sees the committed prefix, its ancestors' slots and its own.
@@ -47,6 +52,35 @@ msd_status top_k(const msd_draft_head& head, const void* hidden, int64_t rows, i
 }
 
 }  // namespace
+
+msd_status draft_extend(const msd_draft_head& head, const int64_t* token_ids, const void* features,
+                        int64_t m, int64_t features_row_stride, int64_t committed, void* hidden,
+                        int64_t hidden_row_stride, msd_dtype dtype, int num_threads) {
+    const msd_decoder_layer& layer = *head.layer;
+    const int64_t h = layer.hidden;
+    const int64_t bytes = dtype_bytes(dtype);
+    thread_local std::vector<unsigned char> x;
+    thread_local std::vector<int32_t> mask_bits;
+    if (!reserve(x, m * h * bytes, "the draft layer input") || !reserve(mask_bits, m, "the draft mask")) {
+        return MSD_ERR_OUT_OF_MEMORY;
+    }
+    const DraftInputs in{token_ids, nullptr, head.embed, nullptr, features, head.fc_weight, head.fc_bias, x.data(),
+                         m, h, head.vocab_size, h, h, features_row_stride, 2 * h, h, false, dtype};
+    msd_status status = draft_inputs(in, num_threads);
+    if (status != MSD_OK) return status;
+    auto* out = static_cast<unsigned char*>(hidden);
+    for (int64_t t = 0; t < m; ++t) {  // residual = input
+        std::memcpy(out + t * hidden_row_stride * bytes, x.data() + t * h * bytes, static_cast<size_t>(h * bytes));
+        mask_bits[t] = static_cast<int32_t>((2u << t) - 1u);  // causal: region slots 0..t (m <= 16)
+    }
+    const int64_t table_bytes = committed * layer.head_dim * bytes;
+    const DecoderStep step{x.data(), hidden, m, h, hidden_row_stride,
+                           static_cast<const unsigned char*>(head.cos) + table_bytes,
+                           static_cast<const unsigned char*>(head.sin) + table_bytes, layer.head_dim, head.k_cache,
+                           head.v_cache, head.cache_head_stride, head.cache_slot_stride, committed, committed,
+                           m > 1 ? mask_bits.data() : nullptr};
+    return decoder_layer(layer, step, dtype, num_threads);
+}
 
 msd_status draft_tree(const msd_draft_head& head, const void* last_hidden, int64_t committed,
                       int64_t root_token, int64_t k, int64_t depth, int64_t total_tokens, int64_t* tokens,
