@@ -41,8 +41,9 @@ def cache_file() -> Path:
 
 # Raised when a change to the engine moves what drafting or verifying costs on the CPU, so that
 # trees tuned before it are measured again (2: one native call per CPU decoder layer; 3: AVX-512
-# norms and rope, two-core attention from smaller steps, numpy argmax, 1 ms pool spin).
-CPU_COST_REVISION = 3
+# norms and rope, two-core attention from smaller steps, numpy argmax, 1 ms pool spin; 4: the
+# draft's extend and drafting step as one native call each).
+CPU_COST_REVISION = 4
 
 
 def device_key(device: torch.device) -> str:
@@ -76,7 +77,8 @@ def model_key(config: ModelConfig, dtype: torch.dtype) -> str:
 CPU_TREES = (TreeParams(3, 1, 3), TreeParams(3, 1, 4), TreeParams(4, 1, 6),
              TreeParams(2, 2, 3), TreeParams(2, 2, 4), TreeParams(3, 2, 4), TreeParams(4, 2, 8),
              TreeParams(2, 3, 5), TreeParams(2, 4, 6), TreeParams(3, 3, 6), TreeParams(4, 3, 6),
-             TreeParams(3, 3, 8), TreeParams(4, 4, 8))
+             TreeParams(3, 3, 8), TreeParams(4, 4, 8), TreeParams(4, 2, 10), TreeParams(4, 3, 10),
+             TreeParams(6, 2, 10), TreeParams(6, 3, 12))
 GPU_TREES = (TreeParams(10, 5, 40), TreeParams(10, 5, 50), TreeParams(10, 6, 60), TreeParams(12, 6, 64))
 
 
