@@ -5,6 +5,7 @@
 
 #include "cpu/dtype.h"
 #include "cpu/silu_mul.h"
+#include "cpu/thread_pool.h"
 
 namespace msd::cpu {
 namespace {
@@ -29,13 +30,37 @@ void silu_mul_rows(const void* gate_up, void* out, int64_t rows, int64_t inter,
     }
 }
 
+// Several rows of the AVX-512 path go one row per chunk to the calling thread and the pool's
+// awake workers (a verified tree's 6-10 rows of 1536: ~1.2 us each). Each element is computed the
+// same way whichever thread takes its row.
+constexpr int64_t kMinParallelElements = 4096;
+
+struct RowsJob {
+    SiluMulFn fn;
+    const unsigned char* gate_up;
+    unsigned char* out;
+    int64_t inter, gate_up_row_stride, out_row_stride, bytes;
+};
+
+void run_row(void* context, int64_t row) {
+    const RowsJob& job = *static_cast<const RowsJob*>(context);
+    job.fn(job.gate_up + row * job.gate_up_row_stride * job.bytes, job.out + row * job.out_row_stride * job.bytes,
+           1, job.inter, job.gate_up_row_stride, job.out_row_stride);
+}
+
 }  // namespace
 
 msd_status silu_mul(const void* gate_up, void* out, int64_t rows, int64_t inter,
                     int64_t gate_up_row_stride, int64_t out_row_stride, msd_dtype dtype) {
     if (isa_has_avx512(get_isa())) {
         if (const SiluMulFn fn = silu_mul_avx512(dtype)) {
-            fn(gate_up, out, rows, inter, gate_up_row_stride, out_row_stride);
+            if (rows < 2 || rows * inter < kMinParallelElements) {
+                fn(gate_up, out, rows, inter, gate_up_row_stride, out_row_stride);
+                return MSD_OK;
+            }
+            RowsJob job{fn, static_cast<const unsigned char*>(gate_up), static_cast<unsigned char*>(out), inter,
+                        gate_up_row_stride, out_row_stride, dtype_bytes(dtype)};
+            run_chunks(hardware_threads(), rows, false, run_row, &job);
             return MSD_OK;
         }
     }
