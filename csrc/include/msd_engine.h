@@ -78,7 +78,8 @@ msd_status msd_add_rms_norm_cuda(const void* x, void* residual, const void* weig
  *     out = round_dtype(float(s) * float(up))
  * `out` must not overlap `gate_up`. CPU: exp is glibc's on the scalar and AVX2 paths of
  * msd_get_cpu_isa and a polynomial (within ~2 float32 ulps; 0 and inf past float32's range) on
- * the AVX-512 ones. */
+ * the AVX-512 ones, where rows * inter >= 4096 spreads the rows over the calling thread and
+ * msd_linear_cpu's pool's awake workers (each element computed the same way on any thread). */
 msd_status msd_silu_mul_cpu(const void* gate_up, void* out, int64_t rows, int64_t inter,
                             int64_t gate_up_row_stride, int64_t out_row_stride, msd_dtype dtype);
 msd_status msd_silu_mul_cuda(const void* gate_up, void* out, int64_t rows, int64_t inter,
@@ -318,8 +319,8 @@ typedef struct {
  * table_row_stride; k_cache / v_cache [num_kv_heads, num_slots, head_dim] share the head and
  * slot strides; 0 <= prefix_len <= start and start + T <= num_slots; mask_bits as for
  * msd_tree_attention_cpu (NULL: every region slot visible). The linears run on the thread pool
- * as msd_linear_cpu describes (`num_threads`), the attention as msd_tree_attention_cpu does, the
- * rest on the calling thread. On failure (a bad argument, or
+ * as msd_linear_cpu describes (`num_threads`), the attention as msd_tree_attention_cpu does,
+ * SwiGLU as msd_silu_mul_cpu does, the rest on the calling thread. On failure (a bad argument, or
  * MSD_ERR_OUT_OF_MEMORY for the scratch) nothing has been written when the arguments are at
  * fault; an allocation failure midway may leave h, residual and the cache slots partly written. */
 msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* residual,
