@@ -409,6 +409,14 @@ msd_status check_draft_head(const msd_draft_head* head) {
     CHECK_ARG(check_positive(head->draft_vocab, "head->draft_vocab"));
     CHECK_ARG(check_positive(head->max_positions, "head->max_positions"));
     CHECK_ARG(check_positive(head->num_slots, "head->num_slots"));
+    if (head->vocab_ids == nullptr && head->draft_vocab > head->vocab_size) {
+        return set_error(MSD_ERR_INVALID_ARGUMENT,
+                         "head->draft_vocab (%lld) exceeds head->vocab_size (%lld) with no head->vocab_ids",
+                         static_cast<long long>(head->draft_vocab), static_cast<long long>(head->vocab_size));
+    }
+    if (head->dtype != MSD_FLOAT32 && head->dtype != MSD_FLOAT16 && head->dtype != MSD_BFLOAT16) {
+        return check_dtype(head->dtype);
+    }
     CHECK_ARG(check_stride(head->cache_head_stride, head->layer->head_dim, "head->cache_head_stride"));
     CHECK_ARG(check_stride(head->cache_slot_stride, head->layer->head_dim, "head->cache_slot_stride"));
     CHECK_ARG(check_out_rows(head->num_slots, head->layer->num_kv_heads, head->layer->head_dim,
@@ -644,10 +652,10 @@ msd_status msd_draft_extend_cpu(const msd_draft_head* head, const int64_t* token
                               static_cast<long long>(num_tokens));
     }
     const int64_t h = head->layer->hidden;
-    CHECK_ARG(msd::check_stride(features_row_stride, h, "features_row_stride"));
+    CHECK_ARG(msd::check_input_stride(features_row_stride, h, "features_row_stride"));
     CHECK_ARG(msd::check_stride(hidden_row_stride, h, "hidden_row_stride"));
     CHECK_ARG(msd::check_non_negative(committed, "committed"));
-    if (committed + num_tokens > head->num_slots || committed + num_tokens > head->max_positions) {
+    if (committed > head->num_slots - num_tokens || committed > head->max_positions - num_tokens) {
         return msd::set_error(MSD_ERR_INVALID_ARGUMENT,
                               "committed (%lld) + num_tokens (%lld) exceeds num_slots (%lld) or max_positions (%lld)",
                               static_cast<long long>(committed), static_cast<long long>(num_tokens),
@@ -661,6 +669,10 @@ msd_status msd_draft_extend_cpu(const msd_draft_head* head, const int64_t* token
         }
     }
     CHECK_ARG(msd::check_dtype(dtype));
+    if (dtype != head->dtype) {
+        return msd::set_error(MSD_ERR_INVALID_ARGUMENT, "dtype %d is not head->dtype %d", static_cast<int>(dtype),
+                              static_cast<int>(head->dtype));
+    }
     return msd::cpu::draft_extend(*head, token_ids, features, num_tokens, features_row_stride, committed, hidden,
                                   hidden_row_stride, dtype, num_threads);
 }
@@ -681,7 +693,8 @@ msd_status msd_draft_tree_cpu(const msd_draft_head* head, const void* last_hidde
     CHECK_ARG(msd::check_non_negative(depth, "depth"));
     CHECK_ARG(msd::check_positive(total_tokens, "total_tokens"));
     CHECK_ARG(msd::check_non_negative(committed, "committed"));
-    if (committed + depth * top_k > head->num_slots || committed + depth > head->max_positions) {
+    if (depth > head->num_slots || committed > head->num_slots - depth * top_k || depth > head->max_positions ||
+        committed > head->max_positions - depth) {
         return msd::set_error(MSD_ERR_INVALID_ARGUMENT,
                               "committed (%lld) + depth (%lld) x top_k (%lld) scratch slots exceed num_slots (%lld), "
                               "or committed + depth exceeds max_positions (%lld)",
@@ -690,6 +703,10 @@ msd_status msd_draft_tree_cpu(const msd_draft_head* head, const void* last_hidde
                               static_cast<long long>(head->max_positions));
     }
     CHECK_ARG(msd::check_dtype(dtype));
+    if (dtype != head->dtype) {
+        return msd::set_error(MSD_ERR_INVALID_ARGUMENT, "dtype %d is not head->dtype %d", static_cast<int>(dtype),
+                              static_cast<int>(head->dtype));
+    }
     return msd::cpu::draft_tree(*head, last_hidden, committed, root_token, top_k, depth, total_tokens, tokens,
                                 parents, num_nodes, dtype, num_threads);
 }

@@ -121,13 +121,13 @@ PYBIND11_MODULE(_C, m) {
         .def(py::init([](const msd_decoder_layer& layer, uintptr_t embed, int64_t vocab_size, uintptr_t fc_weight,
                          uintptr_t fc_bias, uintptr_t lm_head, uintptr_t vocab_ids, int64_t draft_vocab,
                          uintptr_t cos, uintptr_t sin, int64_t max_positions, uintptr_t k_cache, uintptr_t v_cache,
-                         int64_t num_slots, int64_t cache_head_stride, int64_t cache_slot_stride) {
+                         int64_t num_slots, int64_t cache_head_stride, int64_t cache_slot_stride, int dtype) {
                  const auto ptr = [](uintptr_t p) { return reinterpret_cast<const void*>(p); };
                  return msd_draft_head{&layer, ptr(embed), vocab_size, ptr(fc_weight), ptr(fc_bias), ptr(lm_head),
                                        reinterpret_cast<const int64_t*>(vocab_ids), draft_vocab, ptr(cos), ptr(sin),
                                        max_positions, reinterpret_cast<void*>(k_cache),
                                        reinterpret_cast<void*>(v_cache), num_slots, cache_head_stride,
-                                       cache_slot_stride};
+                                       cache_slot_stride, static_cast<msd_dtype>(dtype)};
              }),
              py::keep_alive<1, 2>());
     m.def("draft_tree_cpu", checked(&msd_draft_tree_cpu), nogil);

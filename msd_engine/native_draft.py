@@ -17,7 +17,7 @@ import torch
 from msd_engine.native import _DTYPE_CODES, _cache_strides, _check_index, _lib
 from msd_engine.native_decoder import DecoderLayerWeights
 
-MAX_ROWS = 16  # the kernels' decode-sized steps (CpuOps.SKINNY_ROWS): wider ones take the Python path
+MAX_ROWS = 16  # the most rows (top_k, committed tokens) the C steps take
 
 
 def _check(t: Optional[torch.Tensor], name: str, shape: tuple, dtype: torch.dtype) -> int:
@@ -81,7 +81,7 @@ class DraftHeadWeights:
         self.head = lib.DraftHead(layer.layer, pointers[0], vocab, pointers[1], pointers[2], pointers[3],
                                   0 if vocab_ids is None else vocab_ids.data_ptr(), draft_vocab,
                                   pointers[4], pointers[5], positions, k_cache.data_ptr(), v_cache.data_ptr(),
-                                  self.num_slots, *_cache_strides(k_cache))
+                                  self.num_slots, *_cache_strides(k_cache), self.code)
         self._tokens = torch.empty(0, dtype=torch.int64)
         self._parents = torch.empty(0, dtype=torch.int64)
         self._count = torch.zeros(1, dtype=torch.int64)

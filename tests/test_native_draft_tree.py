@@ -54,20 +54,49 @@ def engines(tiny_llava_dir, tmp_path_factory):
     return get
 
 
+class Counting:
+    """The drafter's native head, counting the steps it takes (so a comparison cannot pass by
+    running the Python path twice)."""
+
+    def __init__(self, native):
+        self.native, self.trees, self.extends = native, 0, 0
+
+    def tree(self, *args):
+        out = self.native.tree(*args)
+        self.trees += out is not None
+        return out
+
+    def extend(self, *args):
+        out = self.native.extend(*args)
+        self.extends += out is not None
+        return out
+
+
 def draft_both_ways(drafter, root: int, params: TreeParams):
     """(tree, scratch KV) from the Python loop, then from the native step, same start state."""
     native, out = drafter.native, []
+    counting = Counting(native)
     committed = drafter.cache.length
     scratch = slice(committed, committed + params.depth * params.top_k)
-    for step in (None, native):
+    for step in (None, counting):
         drafter.native = step
         drafter.cache.arena[:, :, :, scratch] = float("nan")
         with torch.inference_mode():
             tree = drafter.draft(root, params)
         out.append((tree, drafter.cache.arena[:, :, :, scratch].clone()))
     drafter.native = native
-    assert drafter.cache.length == committed
+    assert drafter.cache.length == committed and counting.trees == 1
     return out
+
+
+def commit_tokens(drafter, m: int, seed: int) -> None:
+    """Advance the drafter by m random text tokens (Python path)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, drafter.model.embed_tokens.shape[0], (m,), generator=g)
+    native, drafter.native = drafter.native, None
+    with torch.inference_mode():
+        drafter.extend(tokens, None, None, torch.randn(m, drafter.model.embed_tokens.shape[1], generator=g))
+    drafter.native = native
 
 
 @pytest.mark.parametrize("tree", TREES, ids=str)
@@ -76,7 +105,10 @@ def draft_both_ways(drafter, root: int, params: TreeParams):
 def test_native_step_builds_the_python_loops_tree(engines, tree, draft_dtype, mode, draft_vocab):
     drafter = engines(draft_dtype, mode, draft_vocab).drafter
     assert drafter.native is not None
-    for root in (3, 1000, 31999):
+    start = drafter.cache.length
+    for step, root in enumerate((3, 1000, 31999)):  # three prefix lengths, across a 32-slot word
+        if step:
+            commit_tokens(drafter, 11, seed=step)
         (want, want_kv), (got, got_kv) = draft_both_ways(drafter, root, tree)
         assert got.tokens.tolist() == want.tokens.tolist()
         assert got.parents.tolist() == want.parents.tolist()
@@ -85,6 +117,34 @@ def test_native_step_builds_the_python_loops_tree(engines, tree, draft_dtype, mo
         assert got.num_nodes == min(tree.total_tokens, tree.max_nodes)
         # the same scratch KV, bit for bit (NaN-filled first: every written slot is compared)
         assert torch.equal(got_kv.isnan(), want_kv.isnan()) and torch.equal(got_kv.nan_to_num(), want_kv.nan_to_num())
+    drafter.cache.length = start
+
+
+def test_ties_and_nan_scores_go_the_same_way(engines):
+    """A zero lm_head ties every candidate (the ranking is then creation order, column order within
+    a row); NaN draft scores make both paths refuse the same way (a child would be kept without its
+    parent)."""
+    drafter = engines("float32", "msd", 0).drafter
+    model = drafter.model
+    lm_head, fc_bias = model.lm_head.clone(), model.fc_bias.clone()
+    try:
+        model.lm_head.zero_()  # in place: the native head reads the same memory
+        for params in (TreeParams(4, 3, 12), TreeParams(10, 2, 40)):
+            (want, _), (got, _) = draft_both_ways(drafter, 9, params)
+            assert got.tokens.tolist() == want.tokens.tolist() and got.parents.tolist() == want.parents.tolist()
+            assert got.tokens[1:params.top_k + 1].tolist() == list(range(params.top_k))
+        model.lm_head.copy_(lm_head)
+        model.fc_bias.fill_(float("nan"))
+        for native in (None, drafter.native):
+            saved, drafter.native = drafter.native, native
+            try:
+                with pytest.raises(ValueError, match="without its parent"), torch.inference_mode():
+                    drafter.draft(9, TreeParams(4, 1, 6))
+            finally:
+                drafter.native = saved
+    finally:
+        model.lm_head.copy_(lm_head)
+        model.fc_bias.copy_(fc_bias)
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 16])
@@ -98,7 +158,8 @@ def test_native_extend_commits_what_the_python_path_commits(engines, m, draft_dt
     features = torch.randn(m, drafter.model.embed_tokens.shape[1], generator=g)  # the float32 target's
     committed = drafter.cache.length
     native, got = drafter.native, []
-    for step in (None, native):
+    counting = Counting(native)
+    for step in (None, counting):
         drafter.native = step
         drafter.cache.length = committed
         drafter.cache.arena[:, :, :, committed:committed + m] = float("nan")
@@ -108,6 +169,7 @@ def test_native_extend_commits_what_the_python_path_commits(engines, m, draft_dt
                     drafter.cache.arena[:, :, :, committed:committed + m].clone()))
     drafter.native = native
     drafter.cache.length = committed
+    assert counting.extends == 1
     (want_h, want_last, want_len, want_kv), (got_h, got_last, got_len, got_kv) = got
     assert torch.equal(got_h, want_h) and torch.equal(got_last, want_last) and got_len == want_len == committed + m
     assert not got_kv.isnan().any() and torch.equal(got_kv, want_kv)
@@ -198,6 +260,21 @@ def test_step_argument_errors(head):
     with pytest.raises(ValueError, match="tokens is a null pointer"):
         lib.draft_tree_cpu(weights.head, hidden.data_ptr(), 10, 3, 1, 1, 3, 0, out.data_ptr(), out.data_ptr(),
                            weights.code, 0)
+    bad = dict(layer=parts["layer"].layer, embed=parts["embed"].data_ptr(), vocab=parts["embed"].shape[0],
+               fc=parts["fc_weight"].data_ptr(), bias=parts["fc_bias"].data_ptr(), lm_head=parts["lm_head"].data_ptr(),
+               ids=0, draft_vocab=parts["lm_head"].shape[0], cos=parts["cos"].data_ptr(), sin=parts["sin"].data_ptr(),
+               positions=parts["cos"].shape[0], k=parts["k_cache"].data_ptr(), v=parts["v_cache"].data_ptr(),
+               slots=slots, head_stride=weights.num_slots * parts["k_cache"].shape[2],
+               slot_stride=parts["k_cache"].shape[2], dtype=weights.code)
+    for change, match in [({"draft_vocab": bad["vocab"] + 1}, r"head->draft_vocab \(\d+\) exceeds head->vocab_size"),
+                          ({"slot_stride": 3}, "head->cache_slot_stride"), ({"k": 0}, "head->k_cache is a null"),
+                          ({"dtype": lib.BFLOAT16}, "dtype 0 is not head->dtype")]:
+        head = lib.DraftHead(*{**bad, **change}.values())
+        with pytest.raises(ValueError, match=match):
+            lib.draft_tree_cpu(head, hidden.data_ptr(), 10, 3, 2, 1, 3, out.data_ptr(), out.data_ptr(),
+                               out.data_ptr(), weights.code, 0)
+    with pytest.raises(ValueError, match=r"or committed \+ depth exceeds max_positions"):
+        draft_tree(weights, hidden, parts["cos"].shape[0] - 1, 3, 1, 2, 3)
     with pytest.raises(ValueError, match=r"top_k must be in \[1, min\(16"):
         lib.draft_tree_cpu(weights.head, hidden.data_ptr(), 10, 3, 0, 1, 3, out.data_ptr(), out.data_ptr(),
                            out.data_ptr(), weights.code, 0)

@@ -14,6 +14,7 @@
 // and each node sees the committed prefix, its ancestors' slots and its own.
 #include <algorithm>
 #include <cstring>
+#include <new>
 #include <numeric>
 #include <vector>
 
@@ -47,7 +48,15 @@ msd_status top_k(const msd_draft_head& head, const void* hidden, int64_t rows, i
     if (status != MSD_OK) return status;
     status = logsoftmax_topk(logits.data(), values, ids, rows, head.draft_vocab, k, head.draft_vocab, dtype);
     if (status != MSD_OK || head.vocab_ids == nullptr) return status;
-    for (int64_t i = 0; i < rows * k; ++i) ids[i] = head.vocab_ids[ids[i]];
+    for (int64_t i = 0; i < rows * k; ++i) {
+        const int64_t row = ids[i];
+        ids[i] = head.vocab_ids[row];
+        if (ids[i] < 0 || ids[i] >= head.vocab_size) {  // the next level gathers embed[ids]
+            return set_error(MSD_ERR_INVALID_ARGUMENT, "head->vocab_ids[%lld] = %lld is outside [0, vocab_size = %lld)",
+                             static_cast<long long>(row), static_cast<long long>(ids[i]),
+                             static_cast<long long>(head.vocab_size));
+        }
+    }
     return MSD_OK;
 }
 
@@ -82,9 +91,11 @@ msd_status draft_extend(const msd_draft_head& head, const int64_t* token_ids, co
     return decoder_layer(layer, step, dtype, num_threads);
 }
 
-msd_status draft_tree(const msd_draft_head& head, const void* last_hidden, int64_t committed,
-                      int64_t root_token, int64_t k, int64_t depth, int64_t total_tokens, int64_t* tokens,
-                      int64_t* parents, int64_t* num_nodes, msd_dtype dtype, int num_threads) {
+namespace {
+
+msd_status tree_steps(const msd_draft_head& head, const void* last_hidden, int64_t committed, int64_t root_token,
+                      int64_t k, int64_t depth, int64_t total_tokens, int64_t* tokens, int64_t* parents,
+                      int64_t* num_nodes, msd_dtype dtype, int num_threads) {
     const msd_decoder_layer& layer = *head.layer;
     const int64_t h = layer.hidden;
     const int64_t row_bytes = h * dtype_bytes(dtype);
@@ -196,6 +207,19 @@ msd_status draft_tree(const msd_draft_head& head, const void* last_hidden, int64
     }
     *num_nodes = keep_count + 1;
     return MSD_OK;
+}
+
+}  // namespace
+
+msd_status draft_tree(const msd_draft_head& head, const void* last_hidden, int64_t committed,
+                      int64_t root_token, int64_t k, int64_t depth, int64_t total_tokens, int64_t* tokens,
+                      int64_t* parents, int64_t* num_nodes, msd_dtype dtype, int num_threads) {
+    try {  // the frontier's small host vectors: an allocation failure must not escape the C API
+        return tree_steps(head, last_hidden, committed, root_token, k, depth, total_tokens, tokens, parents,
+                          num_nodes, dtype, num_threads);
+    } catch (const std::bad_alloc&) {
+        return set_error(MSD_ERR_OUT_OF_MEMORY, "cannot allocate the draft tree's candidate lists");
+    }
 }
 
 }  // namespace msd::cpu

@@ -1,6 +1,7 @@
 // SwiGLU activation on the CPU: out = silu(gate) * up with the two roundings of
 // `F.silu(gate) * up` evaluated in dtype (see msd_silu_mul_cpu in msd_engine.h). The AVX-512
 // paths of msd_get_cpu_isa use silu_mul_avx512.cpp; the others the scalar loop here.
+#include <algorithm>
 #include <cmath>
 
 #include "cpu/dtype.h"
@@ -34,6 +35,7 @@ void silu_mul_rows(const void* gate_up, void* out, int64_t rows, int64_t inter,
 // awake workers (a verified tree's 6-10 rows of 1536: ~1.2 us each). Each element is computed the
 // same way whichever thread takes its row.
 constexpr int64_t kMinParallelElements = 4096;
+constexpr int kMaxThreads = 256;  // as linear's and attention's
 
 struct RowsJob {
     SiluMulFn fn;
@@ -60,7 +62,7 @@ msd_status silu_mul(const void* gate_up, void* out, int64_t rows, int64_t inter,
             }
             RowsJob job{fn, static_cast<const unsigned char*>(gate_up), static_cast<unsigned char*>(out), inter,
                         gate_up_row_stride, out_row_stride, dtype_bytes(dtype)};
-            run_chunks(hardware_threads(), rows, false, run_row, &job);
+            run_chunks(std::min(hardware_threads(), kMaxThreads), rows, false, run_row, &job);
             return MSD_OK;
         }
     }

@@ -114,8 +114,9 @@ msd_status msd_linear_cpu(const void* x, const void* weight, const void* bias, v
  * them: values [rows, k] float32 (contiguous) are the log-probabilities
  *     (logit - max) - log(sum_j exp(logit_j - max)),   best first,
  * and indices [rows, k] int64 their columns. Equal logits come in ascending column order; NaN ranks
- * above every number, and a row holding a NaN or +inf comes out NaN, as torch's does. The sum is
- * in float32 lanes added in double; exp is the SIMD path's (within ~2 ulps of float32's). Runs on
+ * above every number, and a row holding a NaN or +inf comes out NaN, as torch's does. On the
+ * AVX-512 paths the sum is in float32 lanes added in double with a polynomial exp (within ~2 ulps);
+ * on the others in double with glibc's exp. Terms under exp(-87) are left out. Runs on
  * the calling thread (a draft step's few rows over a reduced vocabulary take microseconds);
  * 1 <= k <= n. */
 msd_status msd_logsoftmax_topk_cpu(const void* logits, float* values, int64_t* indices,
@@ -335,9 +336,10 @@ msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* 
  * next_norm NULL: the draft layer ends without a norm; its input is not normed either), embed
  * [vocab_size, hidden] (the target's embedding), fc_weight [hidden, 2 hidden] (embedding columns
  * first, then the feature's), fc_bias [hidden] or NULL, lm_head [draft_vocab, hidden] with
- * vocab_ids [draft_vocab] the target ids of its rows (NULL: row r is token r), the rotary tables
- * cos / sin [max_positions, head_dim], and the draft's KV cache k_cache / v_cache
- * [num_kv_heads, num_slots, head_dim] (head and slot strides in elements). */
+ * vocab_ids [draft_vocab] the target ids of its rows (NULL: row r is token r, draft_vocab <=
+ * vocab_size), the rotary tables cos / sin [max_positions, head_dim], and the draft's KV cache
+ * k_cache / v_cache [num_kv_heads, num_slots, head_dim] (head and slot strides in elements); `dtype`
+ * is theirs, and every call must pass it. */
 typedef struct {
     const msd_decoder_layer* layer;
     const void* embed;
@@ -355,6 +357,7 @@ typedef struct {
     int64_t num_slots;
     int64_t cache_head_stride;
     int64_t cache_slot_stride;
+    msd_dtype dtype;
 } msd_draft_head;
 
 /* Commits num_tokens (1..16) text tokens to the draft (CPU), as
@@ -363,8 +366,8 @@ typedef struct {
  * h = residual = x (msd_decoder_layer_cpu) at position committed + t, writing cache slot
  * committed + t and seeing the slots before committed and the rows up to t (causal). hidden
  * [num_tokens, hidden] (row stride hidden_row_stride) receives the layer's output rows. features
- * [num_tokens, hidden] has row stride features_row_stride; token ids must lie in [0, vocab_size);
- * committed + num_tokens <= num_slots and <= max_positions. */
+ * [num_tokens, hidden] has row stride features_row_stride (0: one row for all); token ids must lie
+ * in [0, vocab_size); committed + num_tokens <= num_slots and <= max_positions. */
 msd_status msd_draft_extend_cpu(const msd_draft_head* head, const int64_t* token_ids, const void* features,
                                 int64_t num_tokens, int64_t features_row_stride, int64_t committed, void* hidden,
                                 int64_t hidden_row_stride, msd_dtype dtype, int num_threads);
@@ -386,9 +389,10 @@ msd_status msd_draft_extend_cpu(const msd_draft_head* head, const int64_t* token
  * ids and parent node indices (-1 for the root), num_nodes their count. last_hidden [hidden] is
  * the draft's output at the last committed position. Needs 1 <= top_k <= min(16, draft_vocab),
  * depth >= 0, total_tokens >= 1, committed + depth top_k <= num_slots and committed + depth <=
- * max_positions; vocab_ids entries must lie in [0, vocab_size) (not checked per call). Scratch is
- * per thread; linears run on msd_linear_cpu's pool (`num_threads`). A NaN in the draft's scores
- * that would keep a child without its parent fails with MSD_ERR_INVALID_ARGUMENT. */
+ * max_positions; a vocab_ids entry outside [0, vocab_size) that a step maps fails with
+ * MSD_ERR_INVALID_ARGUMENT. Scratch is per thread; the kernels use msd_linear_cpu's pool as their
+ * own calls do (`num_threads` for the linears). A NaN in the draft's scores that would keep a child
+ * without its parent fails with MSD_ERR_INVALID_ARGUMENT (the draft is broken, not the call). */
 msd_status msd_draft_tree_cpu(const msd_draft_head* head, const void* last_hidden, int64_t committed,
                               int64_t root_token, int64_t top_k, int64_t depth, int64_t total_tokens,
                               int64_t* tokens, int64_t* parents, int64_t* num_nodes, msd_dtype dtype,

@@ -175,13 +175,15 @@ class NativeDraftHead:
     def __init__(self, head: DraftHeadWeights):
         self.head = head
 
+    # Only steps the Python path runs on the native kernels (SKINNY_ROWS rows or fewer): wider ones
+    # take torch's GEMMs there, which would give other bits.
     def extend(self, token_ids, features, committed):
-        if not 1 <= token_ids.shape[0] <= MAX_ROWS:
+        if not 1 <= token_ids.shape[0] <= min(SKINNY_ROWS, MAX_ROWS):
             return None
         return draft_extend(self.head, token_ids, features.to(self.head.dtype), committed)
 
     def tree(self, last_hidden, committed, root_token, params):
-        if params.top_k > MAX_ROWS:
+        if params.top_k > min(SKINNY_ROWS, MAX_ROWS):
             return None
         return draft_tree(self.head, last_hidden, committed, root_token, params.top_k, params.depth,
                           params.total_tokens)

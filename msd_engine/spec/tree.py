@@ -178,7 +178,8 @@ def select_tree(root_token: int, candidates: TreeCandidates, total_tokens: int) 
     NaN ranks first, as in torch.sort), kept in creation order.
 
     A child's score is its parent's plus a log-prob <= 0 and a parent is created first, so the
-    stable ranking never keeps a child without its parent.
+    stable ranking never keeps a child without its parent, unless scores are NaN (a broken draft):
+    then ValueError, as the CPU's native drafting step reports it.
 
     The selection runs on host lists: a step's few dozen candidates cost one list conversion per
     level here, where tensor ops cost a dispatch each (CPU draft loop, bfloat16 draft, tree
@@ -197,7 +198,7 @@ def select_tree(root_token: int, candidates: TreeCandidates, total_tokens: int) 
     for c in keep:
         parent = node_of.get(parents[c])
         if parent is None:
-            raise RuntimeError(f"select_tree: candidate {c} was kept without its parent {parents[c]} "
+            raise ValueError(f"select_tree: candidate {c} was kept without its parent {parents[c]} "
                                f"(scores {scores[c]} and {scores[parents[c]]}; a child must not outscore it)")
         node_parents.append(parent)
     device = candidates.device
