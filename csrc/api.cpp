@@ -414,9 +414,7 @@ msd_status check_draft_head(const msd_draft_head* head) {
                          "head->draft_vocab (%lld) exceeds head->vocab_size (%lld) with no head->vocab_ids",
                          static_cast<long long>(head->draft_vocab), static_cast<long long>(head->vocab_size));
     }
-    if (head->dtype != MSD_FLOAT32 && head->dtype != MSD_FLOAT16 && head->dtype != MSD_BFLOAT16) {
-        return check_dtype(head->dtype);
-    }
+    CHECK_ARG(check_dtype(head->dtype));
     CHECK_ARG(check_stride(head->cache_head_stride, head->layer->head_dim, "head->cache_head_stride"));
     CHECK_ARG(check_stride(head->cache_slot_stride, head->layer->head_dim, "head->cache_slot_stride"));
     CHECK_ARG(check_out_rows(head->num_slots, head->layer->num_kv_heads, head->layer->head_dim,
@@ -641,7 +639,7 @@ msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* 
 
 msd_status msd_draft_extend_cpu(const msd_draft_head* head, const int64_t* token_ids, const void* features,
                                 int64_t num_tokens, int64_t features_row_stride, int64_t committed, void* hidden,
-                                int64_t hidden_row_stride, msd_dtype dtype, int num_threads) {
+                                int64_t hidden_row_stride, int num_threads) {
     msd::clear_error();
     CHECK_ARG(msd::check_draft_head(head));
     CHECK_ARG(msd::check_pointer(token_ids, "token_ids"));
@@ -661,26 +659,18 @@ msd_status msd_draft_extend_cpu(const msd_draft_head* head, const int64_t* token
                               static_cast<long long>(committed), static_cast<long long>(num_tokens),
                               static_cast<long long>(head->num_slots), static_cast<long long>(head->max_positions));
     }
-    for (int64_t t = 0; t < num_tokens; ++t) {
-        if (token_ids[t] < 0 || token_ids[t] >= head->vocab_size) {
-            return msd::set_error(MSD_ERR_INVALID_ARGUMENT, "token_ids[%lld] = %lld is outside [0, vocab_size = %lld)",
-                                  static_cast<long long>(t), static_cast<long long>(token_ids[t]),
-                                  static_cast<long long>(head->vocab_size));
-        }
-    }
-    CHECK_ARG(msd::check_dtype(dtype));
-    if (dtype != head->dtype) {
-        return msd::set_error(MSD_ERR_INVALID_ARGUMENT, "dtype %d is not head->dtype %d", static_cast<int>(dtype),
-                              static_cast<int>(head->dtype));
-    }
+    msd::DraftInputs rows{};  // the ids as msd_draft_inputs_cpu checks them
+    rows.token_ids = token_ids;
+    rows.rows = num_tokens;
+    rows.vocab_size = head->vocab_size;
+    CHECK_ARG(msd::check_token_ids(rows));
     return msd::cpu::draft_extend(*head, token_ids, features, num_tokens, features_row_stride, committed, hidden,
-                                  hidden_row_stride, dtype, num_threads);
+                                  hidden_row_stride, num_threads);
 }
 
 msd_status msd_draft_tree_cpu(const msd_draft_head* head, const void* last_hidden, int64_t committed,
                               int64_t root_token, int64_t top_k, int64_t depth, int64_t total_tokens,
-                              int64_t* tokens, int64_t* parents, int64_t* num_nodes, msd_dtype dtype,
-                              int num_threads) {
+                              int64_t* tokens, int64_t* parents, int64_t* num_nodes, int num_threads) {
     msd::clear_error();
     CHECK_ARG(msd::check_draft_head(head));
     const void* pointers[] = {last_hidden, tokens, parents, num_nodes};
@@ -702,13 +692,8 @@ msd_status msd_draft_tree_cpu(const msd_draft_head* head, const void* last_hidde
                               static_cast<long long>(top_k), static_cast<long long>(head->num_slots),
                               static_cast<long long>(head->max_positions));
     }
-    CHECK_ARG(msd::check_dtype(dtype));
-    if (dtype != head->dtype) {
-        return msd::set_error(MSD_ERR_INVALID_ARGUMENT, "dtype %d is not head->dtype %d", static_cast<int>(dtype),
-                              static_cast<int>(head->dtype));
-    }
     return msd::cpu::draft_tree(*head, last_hidden, committed, root_token, top_k, depth, total_tokens, tokens,
-                                parents, num_nodes, dtype, num_threads);
+                                parents, num_nodes, num_threads);
 }
 
 msd_status msd_set_cpu_spin_us(int microseconds) {

@@ -120,10 +120,10 @@ msd_status decoder_layer(const msd_decoder_layer& layer, const DecoderStep& step
                          int num_threads);
 msd_status draft_extend(const msd_draft_head& head, const int64_t* token_ids, const void* features,
                         int64_t m, int64_t features_row_stride, int64_t committed, void* hidden,
-                        int64_t hidden_row_stride, msd_dtype dtype, int num_threads);
+                        int64_t hidden_row_stride, int num_threads);
 msd_status draft_tree(const msd_draft_head& head, const void* last_hidden, int64_t committed,
                       int64_t root_token, int64_t top_k, int64_t depth, int64_t total_tokens, int64_t* tokens,
-                      int64_t* parents, int64_t* num_nodes, msd_dtype dtype, int num_threads);
+                      int64_t* parents, int64_t* num_nodes, int num_threads);
 msd_cpu_isa get_isa();
 // Whether a SIMD path includes AVX-512 F/BW/VL (the kernels other than linear use its AVX-512 code).
 inline bool isa_has_avx512(msd_cpu_isa isa) {

@@ -82,14 +82,11 @@ class DraftHeadWeights:
                                   0 if vocab_ids is None else vocab_ids.data_ptr(), draft_vocab,
                                   pointers[4], pointers[5], positions, k_cache.data_ptr(), v_cache.data_ptr(),
                                   self.num_slots, *_cache_strides(k_cache), self.code)
-        self._tokens = torch.empty(0, dtype=torch.int64)
-        self._parents = torch.empty(0, dtype=torch.int64)
-        self._count = torch.zeros(1, dtype=torch.int64)
 
 
 def draft_tree(head: DraftHeadWeights, last_hidden: torch.Tensor, committed: int, root_token: int,
                top_k: int, depth: int, total_tokens: int, num_threads: int = 0) -> tuple[torch.Tensor, list[int]]:
-    """One drafting step: (node tokens [T] int64, a new tensor; node parents, -1 for the root), the
+    """One drafting step: (node tokens [T] int64; node parents, -1 for the root), the
     tree `TreeDrafter.draft` builds for these parameters. last_hidden [H] is the draft's output at the
     last committed position; scratch KV slots committed .. committed + depth * top_k are written."""
     if not isinstance(last_hidden, torch.Tensor) or last_hidden.dtype != head.dtype or not last_hidden.is_cpu \
@@ -103,14 +100,12 @@ def draft_tree(head: DraftHeadWeights, last_hidden: torch.Tensor, committed: int
     if top_k > MAX_ROWS:
         raise ValueError(f"top_k must be <= {MAX_ROWS} for the native drafting step, got {top_k}")
     most = min(total_tokens, 1 + top_k + depth * top_k * top_k)
-    if head._tokens.shape[0] < most:
-        head._tokens = torch.empty(most, dtype=torch.int64)
-        head._parents = torch.empty(most, dtype=torch.int64)
+    out = torch.empty(2 * most + 1, dtype=torch.int64)  # tokens | parents | node count
+    tokens, parents = out[:most], out[most:2 * most]
     _lib().draft_tree_cpu(head.head, last_hidden.data_ptr(), committed, root_token, top_k, depth, total_tokens,
-                          head._tokens.data_ptr(), head._parents.data_ptr(), head._count.data_ptr(), head.code,
-                          num_threads)
-    n = int(head._count[0])
-    return head._tokens[:n].clone(), head._parents[:n].tolist()
+                          tokens.data_ptr(), parents.data_ptr(), out[-1:].data_ptr(), num_threads)
+    n = int(out[-1])
+    return tokens[:n], parents[:n].tolist()
 
 
 def draft_extend(head: DraftHeadWeights, token_ids: torch.Tensor, features: torch.Tensor, committed: int,
@@ -135,5 +130,5 @@ def draft_extend(head: DraftHeadWeights, token_ids: torch.Tensor, features: torc
     hidden = torch.empty(m, head.hidden, dtype=head.dtype)
     _lib().draft_extend_cpu(head.head, token_ids.data_ptr(), features.data_ptr(), m,
                             features.stride(0) if m > 1 else head.hidden, committed, hidden.data_ptr(), head.hidden,
-                            head.code, num_threads)
+                            num_threads)
     return hidden

@@ -258,8 +258,7 @@ def test_step_argument_errors(head):
     lib = native._lib()
     out = torch.empty(3, dtype=torch.int64)
     with pytest.raises(ValueError, match="tokens is a null pointer"):
-        lib.draft_tree_cpu(weights.head, hidden.data_ptr(), 10, 3, 1, 1, 3, 0, out.data_ptr(), out.data_ptr(),
-                           weights.code, 0)
+        lib.draft_tree_cpu(weights.head, hidden.data_ptr(), 10, 3, 1, 1, 3, 0, out.data_ptr(), out.data_ptr(), 0)
     bad = dict(layer=parts["layer"].layer, embed=parts["embed"].data_ptr(), vocab=parts["embed"].shape[0],
                fc=parts["fc_weight"].data_ptr(), bias=parts["fc_bias"].data_ptr(), lm_head=parts["lm_head"].data_ptr(),
                ids=0, draft_vocab=parts["lm_head"].shape[0], cos=parts["cos"].data_ptr(), sin=parts["sin"].data_ptr(),
@@ -268,13 +267,13 @@ def test_step_argument_errors(head):
                slot_stride=parts["k_cache"].shape[2], dtype=weights.code)
     for change, match in [({"draft_vocab": bad["vocab"] + 1}, r"head->draft_vocab \(\d+\) exceeds head->vocab_size"),
                           ({"slot_stride": 3}, "head->cache_slot_stride"), ({"k": 0}, "head->k_cache is a null"),
-                          ({"dtype": lib.BFLOAT16}, "dtype 0 is not head->dtype")]:
+                          ({"dtype": 7}, "dtype 7 is not one of MSD_FLOAT32")]:
         head = lib.DraftHead(*{**bad, **change}.values())
         with pytest.raises(ValueError, match=match):
             lib.draft_tree_cpu(head, hidden.data_ptr(), 10, 3, 2, 1, 3, out.data_ptr(), out.data_ptr(),
-                               out.data_ptr(), weights.code, 0)
+                               out.data_ptr(), 0)
     with pytest.raises(ValueError, match=r"or committed \+ depth exceeds max_positions"):
         draft_tree(weights, hidden, parts["cos"].shape[0] - 1, 3, 1, 2, 3)
     with pytest.raises(ValueError, match=r"top_k must be in \[1, min\(16"):
         lib.draft_tree_cpu(weights.head, hidden.data_ptr(), 10, 3, 0, 1, 3, out.data_ptr(), out.data_ptr(),
-                           out.data_ptr(), weights.code, 0)
+                           out.data_ptr(), 0)

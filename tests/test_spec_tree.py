@@ -98,12 +98,12 @@ def draft_hand_tree() -> TreeCandidates:
 
 def test_hand_candidates():
     cands = draft_hand_tree()
-    tokens, scores, parents = cands.tensors()
+    tokens, scores, parents = cands.lists()
     assert cands.num_candidates == 10 and cands.num_levels == 3
-    assert tokens.tolist() == [1, 2, 0, 3, 4, 1, 2, 1, 3, 0]
-    assert parents.tolist() == [-1, -1, 0, 0, 1, 1, 2, 2, 4, 4]
+    assert tokens == [1, 2, 0, 3, 4, 1, 2, 1, 3, 0]
+    assert parents == [-1, -1, 0, 0, 1, 1, 2, 2, 4, 4]
     want = [0.5, 0.3, 0.28, 0.075, 0.15, 0.06, 0.182, 0.042, 0.066, 0.0375]
-    torch.testing.assert_close(scores.exp(), torch.tensor(want), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(scores).exp(), torch.tensor(want), rtol=1e-5, atol=0)
 
 
 def test_hand_select_tree():
@@ -194,7 +194,7 @@ def test_select_tree_matches_reference(case):
         cands.add_level(torch.tensor(tokens), scores, torch.tensor(parents))
     tree = select_tree(root_token, cands, total_tokens)
     check_tree_invariants(tree)
-    all_tokens, all_scores, all_parents = (t.tolist() for t in cands.tensors())
+    all_tokens, all_scores, all_parents = cands.lists()
     keep = reference_selection(all_scores, total_tokens - 1)
     assert tree.tokens.tolist() == [root_token] + [all_tokens[c] for c in keep]
     tree_id = {c: i + 1 for i, c in enumerate(keep)} | {-1: 0}
@@ -243,8 +243,9 @@ def test_eagle2_drafting_loop(run):
     tree = select_tree(7, cands, params.total_tokens)
     check_tree_invariants(tree)
     assert tree.num_nodes == params.total_tokens
-    keep = reference_selection(cands.tensors()[1].tolist(), params.total_tokens - 1)
-    assert tree.tokens[1:].tolist() == cands.tensors()[0][keep].tolist()
+    all_tokens, all_scores, _ = cands.lists()
+    keep = reference_selection(all_scores, params.total_tokens - 1)
+    assert tree.tokens[1:].tolist() == [all_tokens[c] for c in keep]
 
 
 @SETTINGS

@@ -36,10 +36,10 @@ std::vector<int64_t> ranked(const float* scores, int64_t n) {
 }
 
 // The k best next tokens of `rows` hidden rows: log-probs [rows, k] and target ids [rows, k].
-msd_status top_k(const msd_draft_head& head, const void* hidden, int64_t rows, int64_t k,
-                 msd_dtype dtype, int num_threads, std::vector<unsigned char>& logits, float* values,
-                 int64_t* ids) {
+msd_status top_k(const msd_draft_head& head, const void* hidden, int64_t rows, int64_t k, int num_threads,
+                 std::vector<unsigned char>& logits, float* values, int64_t* ids) {
     const int64_t h = head.layer->hidden;
+    const msd_dtype dtype = head.dtype;
     if (!reserve(logits, rows * head.draft_vocab * dtype_bytes(dtype), "the draft logits")) {
         return MSD_ERR_OUT_OF_MEMORY;
     }
@@ -64,8 +64,9 @@ msd_status top_k(const msd_draft_head& head, const void* hidden, int64_t rows, i
 
 msd_status draft_extend(const msd_draft_head& head, const int64_t* token_ids, const void* features,
                         int64_t m, int64_t features_row_stride, int64_t committed, void* hidden,
-                        int64_t hidden_row_stride, msd_dtype dtype, int num_threads) {
+                        int64_t hidden_row_stride, int num_threads) {
     const msd_decoder_layer& layer = *head.layer;
+    const msd_dtype dtype = head.dtype;
     const int64_t h = layer.hidden;
     const int64_t bytes = dtype_bytes(dtype);
     thread_local std::vector<unsigned char> x;
@@ -95,8 +96,9 @@ namespace {
 
 msd_status tree_steps(const msd_draft_head& head, const void* last_hidden, int64_t committed, int64_t root_token,
                       int64_t k, int64_t depth, int64_t total_tokens, int64_t* tokens, int64_t* parents,
-                      int64_t* num_nodes, msd_dtype dtype, int num_threads) {
+                      int64_t* num_nodes, int num_threads) {
     const msd_decoder_layer& layer = *head.layer;
+    const msd_dtype dtype = head.dtype;
     const int64_t h = layer.hidden;
     const int64_t row_bytes = h * dtype_bytes(dtype);
     thread_local std::vector<unsigned char> logits, x, hidden, parent_hidden;
@@ -114,8 +116,7 @@ msd_status tree_steps(const msd_draft_head& head, const void* last_hidden, int64
     }
 
     // Level 0: the root's k best children.
-    msd_status status = top_k(head, last_hidden, 1, k, dtype, num_threads, logits, cand_scores.data(),
-                              cand_tokens.data());
+    msd_status status = top_k(head, last_hidden, 1, k, num_threads, logits, cand_scores.data(), cand_tokens.data());
     if (status != MSD_OK) return status;
     int64_t count = k;
     std::vector<int64_t> frontier(static_cast<size_t>(k));  // candidate ids of the frontier nodes
@@ -127,15 +128,17 @@ msd_status tree_steps(const msd_draft_head& head, const void* last_hidden, int64
         frontier[i] = i;
         frontier_tokens[i] = cand_tokens[i];
         frontier_scores[i] = cand_scores[i];
-        std::memcpy(parent_hidden.data() + i * row_bytes, last_hidden, static_cast<size_t>(row_bytes));
     }
+    // The frontier's features: level 1's nodes all hang off the root (last_hidden, row stride 0),
+    // later levels' off their parents' output rows, gathered into parent_hidden.
+    const void* features = last_hidden;
+    int64_t features_stride = 0;
 
     for (int64_t level = 1; level <= depth; ++level) {
         const int64_t start = committed + (level - 1) * k;
-        const int64_t region = (level - 1) * k + k;
-        const int64_t words = (region + 31) / 32;
-        const DraftInputs in{frontier_tokens.data(), nullptr, head.embed, nullptr, parent_hidden.data(),
-                             head.fc_weight, head.fc_bias, x.data(), k, h, head.vocab_size, h, h, h, 2 * h, h,
+        const int64_t words = (level * k + 31) / 32;  // the mask's region: this and the earlier levels
+        const DraftInputs in{frontier_tokens.data(), nullptr, head.embed, nullptr, features, head.fc_weight,
+                             head.fc_bias, x.data(), k, h, head.vocab_size, h, h, features_stride, 2 * h, h,
                              false, dtype};
         status = draft_inputs(in, num_threads);
         if (status != MSD_OK) return status;
@@ -157,8 +160,7 @@ msd_status tree_steps(const msd_draft_head& head, const void* last_hidden, int64
                                mask_bits.data()};
         status = decoder_layer(layer, step, dtype, num_threads);
         if (status != MSD_OK) return status;
-        status = top_k(head, hidden.data(), k, k, dtype, num_threads, logits, child_scores.data(),
-                       child_ids.data());
+        status = top_k(head, hidden.data(), k, k, num_threads, logits, child_scores.data(), child_ids.data());
         if (status != MSD_OK) return status;
 
         // Children: score = frontier score + log-prob (float32, as the Python loop adds them).
@@ -179,9 +181,11 @@ msd_status tree_steps(const msd_draft_head& head, const void* last_hidden, int64
             frontier[i] = first + child;
             frontier_tokens[i] = child_ids[child];
             frontier_scores[i] = child_scores[child];
-            std::memcpy(x.data() + i * row_bytes, hidden.data() + slot * row_bytes, static_cast<size_t>(row_bytes));
+            std::memcpy(parent_hidden.data() + i * row_bytes, hidden.data() + slot * row_bytes,
+                        static_cast<size_t>(row_bytes));
         }
-        std::memcpy(parent_hidden.data(), x.data(), static_cast<size_t>(k * row_bytes));
+        features = parent_hidden.data();
+        features_stride = h;
         ancestors.swap(next_ancestors);
     }
 
@@ -213,10 +217,10 @@ msd_status tree_steps(const msd_draft_head& head, const void* last_hidden, int64
 
 msd_status draft_tree(const msd_draft_head& head, const void* last_hidden, int64_t committed,
                       int64_t root_token, int64_t k, int64_t depth, int64_t total_tokens, int64_t* tokens,
-                      int64_t* parents, int64_t* num_nodes, msd_dtype dtype, int num_threads) {
+                      int64_t* parents, int64_t* num_nodes, int num_threads) {
     try {  // the frontier's small host vectors: an allocation failure must not escape the C API
         return tree_steps(head, last_hidden, committed, root_token, k, depth, total_tokens, tokens, parents,
-                          num_nodes, dtype, num_threads);
+                          num_nodes, num_threads);
     } catch (const std::bad_alloc&) {
         return set_error(MSD_ERR_OUT_OF_MEMORY, "cannot allocate the draft tree's candidate lists");
     }

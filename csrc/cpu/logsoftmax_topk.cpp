@@ -51,7 +51,7 @@ msd_status logsoftmax_topk(const void* logits, float* values, int64_t* indices, 
     if (row == nullptr) {
         return set_error(MSD_ERR_UNSUPPORTED_DTYPE, "dtype %d is not a msd_dtype", static_cast<int>(dtype));
     }
-    const int64_t element = dtype == MSD_FLOAT32 ? 4 : 2;
+    const int64_t element = dtype_bytes(dtype);
     for (int64_t i = 0; i < rows; ++i) {
         TopK best{values + i * k, indices + i * k, k};
         const RowStats stats =

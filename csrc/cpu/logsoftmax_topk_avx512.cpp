@@ -50,8 +50,9 @@ MSD_AVX512 RowStats row(const void* logits, int64_t n, TopK& best) {
     const __m512 floor = _mm512_set1_ps(kExpFloor);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t c = 0; c < n; c += kLanes) {
-        const __m512 d = _mm512_sub_ps(L::load(x + c, lane_mask(n - c)), shift);
-        const __mmask16 terms = lane_mask(n - c) & _mm512_cmp_ps_mask(d, floor, _CMP_GE_OQ);
+        const __mmask16 m = lane_mask(n - c);
+        const __m512 d = _mm512_sub_ps(L::load(x + c, m), shift);
+        const __mmask16 terms = m & _mm512_cmp_ps_mask(d, floor, _CMP_GE_OQ);
         sum = _mm512_mask_add_ps(sum, terms, sum, exp_ps(_mm512_max_ps(d, floor)));
     }
     _mm512_store_ps(lanes, sum);

@@ -339,7 +339,7 @@ msd_status msd_decoder_layer_cpu(const msd_decoder_layer* layer, void* h, void* 
  * vocab_ids [draft_vocab] the target ids of its rows (NULL: row r is token r, draft_vocab <=
  * vocab_size), the rotary tables cos / sin [max_positions, head_dim], and the draft's KV cache
  * k_cache / v_cache [num_kv_heads, num_slots, head_dim] (head and slot strides in elements); `dtype`
- * is theirs, and every call must pass it. */
+ * is theirs, and the calls' operands (last_hidden, features, hidden) are in it too. */
 typedef struct {
     const msd_decoder_layer* layer;
     const void* embed;
@@ -370,7 +370,7 @@ typedef struct {
  * in [0, vocab_size); committed + num_tokens <= num_slots and <= max_positions. */
 msd_status msd_draft_extend_cpu(const msd_draft_head* head, const int64_t* token_ids, const void* features,
                                 int64_t num_tokens, int64_t features_row_stride, int64_t committed, void* hidden,
-                                int64_t hidden_row_stride, msd_dtype dtype, int num_threads);
+                                int64_t hidden_row_stride, int num_threads);
 
 /* One EAGLE-2 drafting step of the draft head (CPU), as msd_engine.spec.drafter.TreeDrafter.draft
  * computes it with the per-call kernels (the same kernels on the same operands, so the same tree):
@@ -395,8 +395,7 @@ msd_status msd_draft_extend_cpu(const msd_draft_head* head, const int64_t* token
  * without its parent fails with MSD_ERR_INVALID_ARGUMENT (the draft is broken, not the call). */
 msd_status msd_draft_tree_cpu(const msd_draft_head* head, const void* last_hidden, int64_t committed,
                               int64_t root_token, int64_t top_k, int64_t depth, int64_t total_tokens,
-                              int64_t* tokens, int64_t* parents, int64_t* num_nodes, msd_dtype dtype,
-                              int num_threads);
+                              int64_t* tokens, int64_t* parents, int64_t* num_nodes, int num_threads);
 
 /* How long the CPU thread pool's idle workers poll for work before they sleep, in [0, 10^6]
  * microseconds (default 1000: covers the gaps between the calls of a decode step or of a

@@ -13,8 +13,7 @@ import torch
 
 from msd_engine.draft.model import DraftModel
 from msd_engine.kv_cache import KVCache
-from msd_engine.spec.tree import (DraftTree, TreeCandidates, TreeParams, expand_topk, select_tree,
-                                  tree_from_parents)
+from msd_engine.spec.tree import DraftTree, TreeCandidates, TreeParams, build_tree, expand_topk, select_tree
 
 
 class Drafter(Protocol):
@@ -57,16 +56,14 @@ class TreeDrafter:
         m = token_ids.shape[0]
         self.cache.check_fits(m)
         start = self.cache.length
+        hidden = None
         if self.native is not None and is_image is None and image_embeds is None:
             hidden = self.native.extend(token_ids, features, start)
-            if hidden is not None:
-                self.cache.advance(m)
-                self.last_hidden = hidden[-1]
-                return hidden
-        x = model.inputs(token_ids, features, image_embeds, is_image)
-        positions = torch.arange(start, start + m, device=x.device)
-        causal = torch.ones(m, m, dtype=torch.bool, device=x.device).tril() if m > 1 else None
-        hidden = model.forward(x, model.plan_step(positions, start, causal), self.cache)
+        if hidden is None:
+            x = model.inputs(token_ids, features, image_embeds, is_image)
+            positions = torch.arange(start, start + m, device=x.device)
+            causal = torch.ones(m, m, dtype=torch.bool, device=x.device).tril() if m > 1 else None
+            hidden = model.forward(x, model.plan_step(positions, start, causal), self.cache)
         self.cache.advance(m)
         self.last_hidden = hidden[-1]
         return hidden
@@ -82,7 +79,7 @@ class TreeDrafter:
         if self.native is not None:
             native = self.native.tree(self.last_hidden, committed, root_token, params)
             if native is not None:
-                return tree_from_parents(*native)
+                return build_tree(*native)
         candidates = TreeCandidates()
         scores, tokens = (row[0] for row in model.top_k(self.last_hidden[None], k))
         frontier_ids = torch.arange(candidates.add_level(tokens, scores, torch.full_like(tokens, -1)),

@@ -1,14 +1,17 @@
 """EAGLE-2 dynamic draft tree: frontier expansion, node selection and the tree's plan tensors.
 
-Model-free. The drafting loop calls `root_level` once, then `expand_frontier` `depth` times,
-feeding every level to a `TreeCandidates`; `select_tree` then keeps the root plus the best
-`total_tokens - 1` candidates and builds what verification needs (mask, depths, paths).
+Model-free. The drafting loop (`spec.drafter.TreeDrafter.draft`) takes the root's top-k, then
+`expand_topk`s the frontier `depth` times, feeding every level to a `TreeCandidates`; `select_tree`
+then keeps the root plus the best `total_tokens - 1` candidates and builds what verification needs
+(mask, depths, paths). `root_level` and `expand_frontier` are the same steps from full log-prob rows.
+A backend's one-call drafting step returns the kept nodes' tokens and parents for `build_tree`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -121,13 +124,6 @@ class TreeCandidates:
             parents += level
         return tokens, scores, parents
 
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(tokens [N], scores [N] float32, parents [N]) of all candidates."""
-        if not self._tokens:
-            empty = torch.zeros(0, dtype=torch.int64)
-            return empty, empty.float(), empty
-        return torch.cat(self._tokens), torch.cat(self._scores), torch.cat(self._parents)
-
 
 def root_level(root_logprobs: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """Level 0: the draft's log-probs at the last position [V] -> (tokens [k], scores [k])."""
@@ -206,21 +202,16 @@ def select_tree(root_token: int, candidates: TreeCandidates, total_tokens: int) 
     return _build(node_tokens, node_parents)
 
 
-def build_tree(tokens: Tensor, parents: Tensor) -> DraftTree:
-    """A DraftTree from tokens [T] and parents [T] (parents[0] = -1, 0 <= parents[i] < i)."""
-    if tokens.dim() != 1 or parents.shape != tokens.shape or tokens.shape[0] < 1:
+def build_tree(tokens: Tensor, parents: Union[Tensor, list[int]]) -> DraftTree:
+    """A DraftTree from tokens [T] and parents [T] (a tensor or a host list; parents[0] = -1,
+    0 <= parents[i] < i)."""
+    host = parents.tolist() if isinstance(parents, Tensor) else list(parents)
+    if tokens.dim() != 1 or len(host) != tokens.shape[0] or tokens.shape[0] < 1:
         raise ValueError(f"build_tree: want tokens [T] and parents [T], T >= 1, got "
-                         f"{tuple(tokens.shape)} and {tuple(parents.shape)}")
-    host = parents.tolist()
+                         f"{tuple(tokens.shape)} and {len(host)} parents")
     if host[0] != -1 or not all(0 <= p < i for i, p in enumerate(host[1:], start=1)):
         raise ValueError(f"build_tree: parents must be -1 for node 0 and in [0, i) for node i, got {host}")
     return _build(tokens.long(), host)
-
-
-def tree_from_parents(tokens: Tensor, parents: list[int]) -> DraftTree:
-    """A DraftTree from tokens [T] and host parents (parents[0] = -1, 0 <= parents[i] < i, as a
-    drafting kernel returns them; trusted, unlike `build_tree`'s)."""
-    return _build(tokens, parents)
 
 
 def _build(tokens: Tensor, parents: list[int]) -> DraftTree:
