@@ -74,19 +74,29 @@ def test_conversations_for_the_recipe_read_back_with_their_images(tmp_path):
     assert conversations[0].turns[0][0].startswith("<image>\n") and conversations[1].image is None
 
 
-def test_composed_prompt_mix_is_fixed_distinct_and_never_a_held_out_or_written_prompt():
+@pytest.mark.parametrize("name, count, earlier", [("composed", "composed_prompts", ("written",)),
+                                                   ("wide", "wide_prompts", ("written", "composed"))])
+def test_composed_prompt_mixes_are_fixed_distinct_and_never_an_earlier_or_held_out_prompt(name, count, earlier):
     from msd_engine.demo.recipe import Recipe, training_prompt_sets
 
     sets = training_prompt_sets(Recipe())
-    mix = sets["composed"]
-    assert len(mix) == Recipe().composed_prompts and mix == training_prompt_sets(Recipe())["composed"]
+    mix = sets[name]
+    assert len(mix) == getattr(Recipe(), count) and mix == training_prompt_sets(Recipe())[name]
     texts = [(p["prompt"], p.get("image")) for p in mix]
     assert len(set(texts)) == len(texts)
-    others = {p["prompt"] for p in sets["written"] + assets.load_prompts(assets.HELDOUT_PROMPTS)}
+    others = {p["prompt"] for p in [q for e in earlier for q in sets[e]] + assets.load_prompts(assets.HELDOUT_PROMPTS)}
     assert not others & {p["prompt"] for p in mix}
     assert {p["image"] for p in mix if p.get("image")} <= set(assets.PHOTOS)
     assert 0.05 < sum(1 for p in mix if p.get("image")) / len(mix) < 0.3
-    assert training_prompt_sets(Recipe(seed=1))["composed"] != mix
+    # another seed, another mix (a smaller one: the wide mix uses nearly every prompt it can compose)
+    assert training_prompt_sets(Recipe(seed=1, composed_prompts=2000, wide_prompts=2000))[name] != mix[:2000]
+
+
+def test_a_prompt_mix_too_small_for_the_count_is_named():
+    from msd_engine.demo.prompt_mix_wide import wide_prompts
+
+    with pytest.raises(ValueError, match=r"the wide prompt mix has only \d+ text and \d+ image prompts, 100000"):
+        wide_prompts(100000, [], assets.PHOTOS)
 
 
 @pytest.mark.skipif(not (assets.SHIPPED_DRAFTS / "msd" / assets.HEAD_FILE).is_file(), reason="no shipped drafts")

@@ -60,3 +60,25 @@ def test_bad_values_exit_2_with_one_line(tiny_llava_dir, tmp_path, capsys):
                  "--epochs", "2"]) == 2  # no manifest
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "error: --epochs must be >= 1, got 0" and "manifest" in err[1] and len(err) == 2
+
+
+def test_init_from_fine_tunes_with_the_checkpoints_vocabulary(tiny_llava_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    data = make_dataset(tmp_path)
+    shards = tmp_path / "shards"
+    assert main(["train-data", "--model", str(tiny_llava_dir), "--data", str(data), "--images", str(tmp_path / "img"),
+                 "--out", str(shards), "--max-len", "200"]) == 0
+    train = ["train", "--model", str(tiny_llava_dir), "--data", str(shards), "--epochs", "1", "--warmup", "1"]
+    assert main(train + ["--out", str(tmp_path / "small"), "--draft-vocab", "16"]) == 0
+    out = capsys.readouterr().out
+    first = tmp_path / "small" / out.split("final checkpoint: ")[1].split(" ")[0].split("/")[-1]
+    assert main(train + ["--out", str(tmp_path / "tuned"), "--init-from", str(first)]) == 0
+    out = capsys.readouterr().out
+    tuned = tmp_path / "tuned" / out.split("final checkpoint: ")[1].split(" ")[0].split("/")[-1]
+    vocab = load_file(str(first / "model.safetensors"))["draft_vocab"]
+    assert vocab.numel() == 16 and (load_file(str(tuned / "model.safetensors"))["draft_vocab"] == vocab).all()
+    assert main(train + ["--out", str(tmp_path / "x"), "--init-from", str(first), "--draft-vocab", "16"]) == 2
+    assert main(train + ["--out", str(tmp_path / "y"), "--init-from", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "--draft-vocab with --init-from" in err[0] and "nowhere" in err[1]

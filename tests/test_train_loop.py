@@ -175,3 +175,54 @@ def _assert_same(a, b, tol=0.0):
             _assert_same(x, y, tol)
     else:
         assert a == b
+
+
+def test_init_from_starts_a_new_schedule_from_the_checkpoints_weights(target, data, trained, tmp_path):
+    """Fine-tuning (the demo recipe's third stage): a fresh run in a new directory that starts from a
+    trained checkpoint's weights, with its own optimizer and lr schedule."""
+    kw = dict(epochs=1, batch_size=2, curriculum=None, warmup_steps=1)
+    start = load_file(str(trained.checkpoint / "model.safetensors"))
+    tuned = _train(target, data[1], tmp_path / "tuned", init_from=trained.checkpoint, lr=1e-12, **kw)
+    assert [m["step"] for m in tuned.metrics] == [1, 2] and tuned.metrics[0]["lr"] == pytest.approx(1e-12)
+    after = load_file(str(tuned.checkpoint / "model.safetensors"))
+    for name in start:  # an lr of 1e-12 leaves the loaded weights where they were
+        torch.testing.assert_close(after[name], start[name], atol=1e-6, rtol=0)
+    fresh = _train(target, data[1], tmp_path / "fresh", lr=1e-12, **kw)
+    assert tuned.metrics[0]["loss"] < fresh.metrics[0]["loss"] - 0.3  # the trained draft's loss, not a new one's
+
+
+def test_a_resumed_run_does_not_reload_init_from(target, data, trained, tmp_path):
+    kw = dict(batch_size=2, curriculum=None, warmup_steps=1, lr=1e-3)
+    first = _train(target, data[1], tmp_path / "run", epochs=1, init_from=trained.checkpoint, **kw)
+    other = _train(target, data[1], tmp_path / "other", epochs=1, **kw)  # weights far from `first`'s
+    second = _train(target, data[1], tmp_path / "run", epochs=2, resume=True, init_from=other.checkpoint, **kw)
+    assert second.step == 4 and [m["step"] for m in second.metrics] == [3, 4]
+    # it went on from its own checkpoint (the trained draft's weights), not from `other`'s
+    assert second.metrics[0]["loss"] < other.metrics[-1]["loss"] - 0.3
+    assert second.metrics[0]["loss"] < first.metrics[-1]["loss"] + 0.3
+
+
+def test_bad_init_from_is_named(target, data, trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"init_from .*nowhere.*config\.json"):
+        _train(target, data[1], tmp_path / "a", epochs=1, curriculum=None, init_from=tmp_path / "nowhere")
+    wider = tmp_path / "wider"
+    shutil.copytree(trained.checkpoint, wider)
+    config = json.loads((wider / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    with pytest.raises(ValueError, match=r"init_from .*wider.*intermediate_size"):
+        _train(target, data[1], tmp_path / "b", epochs=1, curriculum=None, init_from=wider)
+    config = draft_config_for(target.config, "msd", draft_vocab_size=64)
+    vocab = torch.arange(0, 64, dtype=torch.int64)
+    def reduced(out, init_from=None, draft_vocab=vocab):
+        return train_draft(data[1], target.model.text.lm_head, target.model.text.embed_tokens, config, out,
+                           epochs=1, warmup_steps=1, draft_vocab=draft_vocab, init_from=init_from)
+    # trained on the whole vocabulary: a reduced-vocabulary run cannot start from it
+    with pytest.raises(ValueError, match=r"init_from .*draft_vocab_size \(0 vs 64\)"):
+        reduced(tmp_path / "c", init_from=trained.checkpoint)
+    small = reduced(tmp_path / "small")
+    with pytest.raises(ValueError, match=r"init_from .* another draft vocabulary"):
+        reduced(tmp_path / "d", init_from=small.checkpoint, draft_vocab=vocab + 1)
+    for run in "bcd":
+        assert not list((tmp_path / run).glob("checkpoint-*"))
+    tuned = reduced(tmp_path / "e", init_from=small.checkpoint)
+    assert torch.equal(load_file(str(tuned.checkpoint / "model.safetensors"))["draft_vocab"], vocab)

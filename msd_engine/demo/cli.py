@@ -36,6 +36,8 @@ def add_demo_parsers(sub) -> None:
     p.add_argument("--no-ship", action="store_true", help="do not overwrite the drafts in the package")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--extra-epochs", type=int, default=None, help="epochs of the resumed second stage (0: none)")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="epochs of the third stage, a fine-tune over all three prompt sets (0: none)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length of the target's answers")
 
 
@@ -54,6 +56,8 @@ def run_recipe_command(args: argparse.Namespace) -> int:
         recipe = replace(recipe, epochs=args.epochs)
     if args.extra_epochs is not None:
         recipe = replace(recipe, extra_epochs=args.extra_epochs)
+    if args.finetune_epochs is not None:
+        recipe = replace(recipe, finetune_epochs=args.finetune_epochs)
     if args.max_new_tokens is not None:
         recipe = replace(recipe, max_new_tokens=args.max_new_tokens)
     run_recipe(args.work, recipe, args.modes, None if args.no_ship else SHIPPED_DRAFTS)

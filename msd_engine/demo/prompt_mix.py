@@ -167,16 +167,22 @@ def composed_prompts(count: int, exclude: Sequence[str], photos: Sequence[str], 
     rng = random.Random(seed)
     texts = list(dict.fromkeys(_templated()))
     texts += list(dict.fromkeys(_word_problems(rng, 400)))
+    return shuffled_mix(texts, IMAGE_QUESTIONS, count, exclude, photos, image_share, rng, "the prompt mix")
+
+
+def shuffled_mix(texts: Sequence[str], image_questions: Sequence[str], count: int, exclude: Sequence[str],
+                 photos: Sequence[str], image_share: float, rng: random.Random, what: str) -> list[dict]:
+    """`count` prompts: distinct `texts` and (question, photo) pairs not in `exclude`, shuffled by `rng`,
+    about `image_share` of them with a photo."""
     banned = set(exclude)
     texts = [t for t in dict.fromkeys(texts) if t not in banned]
-    images = [{"prompt": q, "image": p} for q in IMAGE_QUESTIONS for p in photos if q not in banned]
+    images = [{"prompt": q, "image": p} for q in image_questions for p in photos if q not in banned]
     rng.shuffle(texts)
     rng.shuffle(images)
     n_images = min(len(images), round(count * image_share))
     n_texts = min(len(texts), count - n_images)
     if n_texts + n_images < count:
-        raise ValueError(f"the prompt mix has only {len(texts)} text and {len(images)} image prompts, "
-                         f"{count} asked for")
+        raise ValueError(f"{what} has only {len(texts)} text and {len(images)} image prompts, {count} asked for")
     out = [{"prompt": t} for t in texts[:n_texts]] + images[:n_images]
     rng.shuffle(out)
     return out

@@ -8,7 +8,10 @@
    time (transformers' batched generate on the same weights, `train/batched.py`), and its features
    over each conversation are recorded into shards (resumed where a previous run stopped);
 4. pick the draft vocabulary (the most frequent answer tokens, EOS always in) and train an `msd`
-   and an `eagle` draft with the project's trainer and curriculum (resumed from checkpoints);
+   and an `eagle` draft with the project's trainer and curriculum (resumed from checkpoints) on the
+   hand-written set and the first mix, then fine-tune both on all three sets (the second mix,
+   `prompt_mix_wide.py`, came after: held-out tau showed the drafts generalising short of their
+   training prompts);
 5. convert both, pack them into `msd_engine/demo/drafts/` and report tau on the held-out prompts.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from msd_engine.demo.assets import (DRAFT_DTYPE, HELDOUT_PROMPTS, PHOTOS, SHIPPED_DRAFTS, TRAIN_PROMPTS, demo_home,
                                     export_photo, load_prompts, pack_draft)
 from msd_engine.demo.prompt_mix import composed_prompts
+from msd_engine.demo.prompt_mix_wide import wide_prompts
 from msd_engine.demo.target import ensure_target
 
 
@@ -32,12 +36,15 @@ class Recipe:
     max_new_tokens: int = 128   # answer length the target writes for each instruction
     record_batch: int = 128     # instructions answered at once while recording
     composed_prompts: int = 2200  # instructions of the composed mix, on top of the hand-written ones
+    wide_prompts: int = 2780    # instructions of the second composed mix (`prompt_mix_wide.py`)
     max_len: int = 1024         # tokens per conversation (prompt + image + answer)
     draft_vocab: int = 8192     # reduced draft vocabulary (0: the whole 49k)
     epochs: int = 8
     text_epochs: int = 3        # curriculum stage 1 (text only)
     ramp_epochs: int = 4        # stage 2: visual share rising linearly to 1, then 1 epoch of everything
     extra_epochs: int = 6       # then resumed with the schedule stretched to epochs + extra_epochs (0: none)
+    finetune_epochs: int = 4    # then from those weights, a new schedule over all three sets (0: none)
+    finetune_lr: float = 2e-4
     lr: float = 3e-4
     warmup: int = 60
     batch_size: int = 8
@@ -65,7 +72,10 @@ def training_prompt_sets(recipe: "Recipe") -> dict[str, list[dict]]:
     (`prompt_mix.py`), which never repeats a hand-written or held-out prompt."""
     written = load_prompts(TRAIN_PROMPTS)
     exclude = [p["prompt"] for p in written + load_prompts(HELDOUT_PROMPTS)]
-    return {"written": written, "composed": composed_prompts(recipe.composed_prompts, exclude, PHOTOS, seed=recipe.seed)}
+    composed = composed_prompts(recipe.composed_prompts, exclude, PHOTOS, seed=recipe.seed)
+    wide = wide_prompts(recipe.wide_prompts, exclude + [p["prompt"] for p in composed], PHOTOS,
+                        image_share=0.19, seed=recipe.seed)
+    return {"written": written, "composed": composed, "wide": wide}
 
 
 def record_answers(target_dir: Path, work: Path, name: str, prompts: Sequence[dict], recipe: Recipe,
@@ -91,7 +101,8 @@ def record_answers(target_dir: Path, work: Path, name: str, prompts: Sequence[di
 
 
 def train_drafts(target_dir: Path, shards: Sequence[Path], work: Path, recipe: Recipe, modes: Sequence[str],
-                 ship_to: Optional[Path], progress: bool) -> dict[str, Path]:
+                 ship_to: Optional[Path], progress: bool, added: Sequence[Path] = ()) -> dict[str, Path]:
+    """Train on `shards` (the draft vocabulary is theirs), then fine-tune on `shards` + `added`."""
     from msd_engine.convert.msd_draft import convert_msd_draft
     from msd_engine.draft.init import draft_config_for
     from msd_engine.engine import Engine
@@ -101,11 +112,13 @@ def train_drafts(target_dir: Path, shards: Sequence[Path], work: Path, recipe: R
     from msd_engine.train.vocab import frequent_tokens
 
     engine = Engine.load(target_dir, dtype="float32", max_seq_len=16)
-    records = [r for d in shards for r in read_shards(d, hidden_size=engine.config.text.hidden_size)]
+    hidden = engine.config.text.hidden_size
+    records = [r for d in shards for r in read_shards(d, hidden_size=hidden)]
     vocab = None
     if recipe.draft_vocab:
         vocab = frequent_tokens(records, recipe.draft_vocab, always=engine.config.eos_token_ids,
                                 vocab_size=engine.config.text.vocab_size)
+    more = [r for d in added for r in read_shards(d, hidden_size=hidden)]
     text = engine.model.text
     # Stage 2 resumes stage 1's checkpoint with the cosine schedule re-planned over more epochs: the lr
     # climbs back to where the longer schedule stands (0.4 of the peak for 8 -> 14) and decays to 0
@@ -122,6 +135,13 @@ def train_drafts(target_dir: Path, shards: Sequence[Path], work: Path, recipe: R
                                  batch_size=recipe.batch_size,
                                  curriculum=Curriculum(recipe.text_epochs, recipe.ramp_epochs, epochs),
                                  seed=recipe.seed, resume=True, progress=progress, draft_vocab=vocab)
+        if more and recipe.finetune_epochs:
+            # Stage 3: a new run from stage 2's weights over every set, images in from the start.
+            result = train_draft(records + more, text.lm_head, text.embed_tokens, config,
+                                 work / "runs" / f"{mode}-finetune", epochs=recipe.finetune_epochs,
+                                 lr=recipe.finetune_lr, warmup_steps=recipe.warmup, batch_size=recipe.batch_size,
+                                 curriculum=Curriculum(0, 0, recipe.finetune_epochs), seed=recipe.seed,
+                                 resume=True, progress=progress, draft_vocab=vocab, init_from=result.checkpoint)
         last = result.metrics[-1] if result.metrics else {}
         print(f"{mode}: {result.step} steps in {time.perf_counter() - started:.0f} s, final loss "
               f"{last.get('loss', float('nan')):.4f}, top-1 {last.get('acc', float('nan')):.3f}")
@@ -153,9 +173,10 @@ def run_recipe(work: Optional[Path] = None, recipe: Recipe = Recipe(), modes: Se
     (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
     target = ensure_target(demo_home() / "target", progress)
     torch.manual_seed(recipe.seed)
-    shards = [record_answers(target, work, name, prompts, recipe, progress)
-              for name, prompts in training_prompt_sets(recipe).items()]
-    drafts = train_drafts(target, shards, work, recipe, modes, ship_to, progress)
+    shards = {name: record_answers(target, work, name, prompts, recipe, progress)
+              for name, prompts in training_prompt_sets(recipe).items()}
+    drafts = train_drafts(target, [shards["written"], shards["composed"]], work, recipe, modes, ship_to, progress,
+                          added=[shards["wide"]])
     report = {mode: heldout_tau(target, path, work / "images", recipe.eval_max_new_tokens)
               for mode, path in drafts.items()}
     (work / "heldout_tau.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -66,6 +66,9 @@ def add_train_parsers(sub) -> None:
                         "(0: the whole vocabulary)")
     p.add_argument("--no-autocast", action="store_true",
                    help="train in float32 on CUDA too (default there: bf16 autocast of forward and loss)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="a training checkpoint-STEP directory to start from (fresh optimizer and schedule): "
+                        "fine-tune a trained draft on more data; it keeps the checkpoint's draft vocabulary")
 
     p = sub.add_parser("eval-draft", help="acceptance length (tau) of a converted draft on prompts")
     _add_model_args(p)
@@ -159,20 +162,25 @@ def run_train(args: argparse.Namespace) -> int:
 def _run_train(args: argparse.Namespace, curriculum, env) -> int:
     from msd_engine.draft.init import draft_config_for
     from msd_engine.train.plot import plot_metrics
-    from msd_engine.train.trainer import METRICS_FILE, train_draft
+    from msd_engine.train.trainer import METRICS_FILE, checkpoint_draft_vocab, train_draft
     from msd_engine.train.vocab import frequent_tokens
 
+    if args.init_from is not None and args.draft_vocab:
+        raise ValueError("--draft-vocab with --init-from: a fine-tuned draft keeps its checkpoint's vocabulary")
     engine, source, what = _training_source(args, env)
     draft_vocab = None
-    if args.draft_vocab:
+    if args.init_from is not None:
+        draft_vocab = checkpoint_draft_vocab(args.init_from)
+    elif args.draft_vocab:
         draft_vocab = frequent_tokens(source.token_records(), args.draft_vocab, always=engine.config.eos_token_ids,
                                       vocab_size=engine.config.text.vocab_size)
-    config = draft_config_for(engine.config, args.mode, draft_vocab_size=args.draft_vocab)
+    config = draft_config_for(engine.config, args.mode,
+                              draft_vocab_size=0 if draft_vocab is None else int(draft_vocab.numel()))
     text_model = engine.model.text
     result = train_draft(source, text_model.lm_head, text_model.embed_tokens, config, args.out, epochs=args.epochs,
                          lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size, curriculum=curriculum,
                          save_every=args.save_every, seed=args.seed, resume=args.resume, draft_vocab=draft_vocab,
-                         autocast=False if args.no_autocast else None)
+                         autocast=False if args.no_autocast else None, init_from=args.init_from)
     if not env.is_main():
         return 0
     metrics = Path(args.out) / METRICS_FILE

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from msd_engine.draft.config import DraftConfig
+from msd_engine.draft.weights import DRAFT_VOCAB_KEY
 from msd_engine.train import distributed
 from msd_engine.train.curriculum import Curriculum
 from msd_engine.train.distributed import DistEnv
@@ -177,7 +178,8 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
                 warmup_steps: int = 2000, batch_size: int = 1, grad_clip: float = 0.5,
                 curriculum: Optional[Curriculum] = None, save_every: int = 0, seed: int = 0, resume: bool = False,
                 decay: str = "cosine", init_std: float = 0.02, progress: bool = True,
-                draft_vocab: Optional[torch.Tensor] = None, autocast: Optional[bool] = None) -> TrainResult:
+                draft_vocab: Optional[torch.Tensor] = None, autocast: Optional[bool] = None,
+                init_from: Optional[Path] = None) -> TrainResult:
     """Train a draft head on `records` (a RecordSource, or DraftRecords in memory) on the rank's device.
 
     batch_size: the global batch (split evenly over the ranks when torch.distributed is initialised).
@@ -185,7 +187,10 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
     latest complete checkpoint in out_dir (starting fresh when there is none). progress: a bar with the
     loss and top-1 accuracy on rank 0 when stderr is a terminal. draft_vocab: the reduced vocabulary,
     [config.draft_vocab_size] sorted int64 ids (given exactly when config.draft_vocab_size > 0).
-    autocast: run forward and loss under bf16 autocast (None: on CUDA yes, on the CPU no)."""
+    autocast: run forward and loss under bf16 autocast (None: on CUDA yes, on the CPU no).
+    init_from: a checkpoint directory whose weights a fresh run starts from, with a new optimizer and
+    schedule (fine-tuning a trained draft on more data); its config must be this one's and its draft
+    vocabulary `draft_vocab`. A run resumed from out_dir's own checkpoint does not read it."""
     source = as_source(records)
     _check_args(source, config, epochs, lr, warmup_steps, batch_size, save_every, curriculum, decay)
     _check_draft_vocab(draft_vocab, config)
@@ -206,6 +211,8 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total, decay))
     metrics_path = out_dir / METRICS_FILE
     step, checkpoint = _start(out_dir, resume, module, optimizer, scheduler, draft_vocab, env)
+    if step == 0 and init_from is not None:
+        _init_weights(module, Path(init_from))
     model = module
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
@@ -255,6 +262,36 @@ def _start(out_dir: Path, resume: bool, module: DraftModule, optimizer, schedule
     if env.is_main():
         _trim_metrics(metrics_path, step)
     return step, checkpoint
+
+
+def _checkpoint_files(checkpoint: Path) -> tuple[Path, Path]:
+    config_path, weights_path = Path(checkpoint) / "config.json", Path(checkpoint) / "model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from {checkpoint}: no {path.name} (a training checkpoint-STEP directory "
+                                    "is expected)")
+    return config_path, weights_path
+
+
+def checkpoint_draft_vocab(checkpoint: Path) -> Optional[torch.Tensor]:
+    """The reduced draft vocabulary a training checkpoint was trained with (None: the whole vocabulary)."""
+    weights = load_file(str(_checkpoint_files(checkpoint)[1]))
+    return weights.get(DRAFT_VOCAB_KEY)
+
+
+def _init_weights(module: DraftModule, checkpoint: Path) -> None:
+    """Load a checkpoint's weights into a fresh module: same config.json, same draft vocabulary."""
+    config_path, weights_path = _checkpoint_files(checkpoint)
+    saved, wanted = json.loads(config_path.read_text()), hf_config(module.config)
+    differ = sorted(k for k in wanted.keys() | saved.keys() if saved.get(k) != wanted.get(k))
+    if differ:
+        raise ValueError(f"init_from {checkpoint}: config.json differs from this run's draft in "
+                         + ", ".join(f"{k} ({saved.get(k)!r} vs {wanted.get(k)!r})" for k in differ))
+    weights = load_file(str(weights_path))
+    if module.config.draft_vocab_size and not torch.equal(weights.get(DRAFT_VOCAB_KEY, torch.empty(0)),
+                                                          module.state_dict()[DRAFT_VOCAB_KEY].cpu()):
+        raise ValueError(f"init_from {checkpoint} was trained with another draft vocabulary than the one given")
+    module.load_weights(weights)
 
 
 def _autocast_enabled(autocast: Optional[bool], device: torch.device) -> bool:
