@@ -6,7 +6,7 @@ by its seed, never contains a held-out prompt, and has no duplicates.
 from __future__ import annotations
 
 import random
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 CONCEPTS = (
     "photosynthesis", "gravity", "inflation", "democracy", "a black hole", "the water cycle", "evolution",
@@ -164,10 +164,17 @@ def composed_prompts(count: int, exclude: Sequence[str], photos: Sequence[str], 
                      seed: int = 0) -> list[dict]:
     """`count` distinct prompts ({"prompt", "image"?}) in a fixed shuffled order, none in `exclude`;
     about `image_share` of them are image questions about one of `photos`."""
+    return compose(_templated(), _word_problems, 400, IMAGE_QUESTIONS, count, exclude, photos, image_share, seed,
+                   "the prompt mix")
+
+
+def compose(templated: Iterable[str], problems: Callable[[random.Random, int], Iterable[str]], n_problems: int,
+            image_questions: Sequence[str], count: int, exclude: Sequence[str], photos: Sequence[str],
+            image_share: float, seed: int, what: str) -> list[dict]:
+    """A mix: the templated texts, `n_problems` drawn problems, (question, photo) pairs; see shuffled_mix."""
     rng = random.Random(seed)
-    texts = list(dict.fromkeys(_templated()))
-    texts += list(dict.fromkeys(_word_problems(rng, 400)))
-    return shuffled_mix(texts, IMAGE_QUESTIONS, count, exclude, photos, image_share, rng, "the prompt mix")
+    texts = list(dict.fromkeys(templated)) + list(dict.fromkeys(problems(rng, n_problems)))
+    return shuffled_mix(texts, image_questions, count, exclude, photos, image_share, rng, what)
 
 
 def shuffled_mix(texts: Sequence[str], image_questions: Sequence[str], count: int, exclude: Sequence[str],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from typing import Iterable, Sequence
 
-from msd_engine.demo.prompt_mix import shuffled_mix
+from msd_engine.demo.prompt_mix import compose
 
 WORDS = (
     "resilient", "ambiguous", "meticulous", "serendipity", "procrastinate", "empathy", "frugal", "candid",
@@ -320,7 +320,5 @@ def wide_prompts(count: int, exclude: Sequence[str], photos: Sequence[str], imag
                  seed: int = 0) -> list[dict]:
     """`count` distinct prompts ({"prompt", "image"?}) in a fixed shuffled order, none in `exclude`;
     about `image_share` of them are new questions about one of `photos`."""
-    rng = random.Random(seed)
-    texts = list(dict.fromkeys(_templated()))
-    texts += list(dict.fromkeys(_number_problems(rng, 900)))
-    return shuffled_mix(texts, IMAGE_QUESTIONS, count, exclude, photos, image_share, rng, "the wide prompt mix")
+    return compose(_templated(), _number_problems, 900, IMAGE_QUESTIONS, count, exclude, photos, image_share, seed,
+                   "the wide prompt mix")
