@@ -69,16 +69,24 @@ def test_init_from_fine_tunes_with_the_checkpoints_vocabulary(tiny_llava_dir, tm
     shards = tmp_path / "shards"
     assert main(["train-data", "--model", str(tiny_llava_dir), "--data", str(data), "--images", str(tmp_path / "img"),
                  "--out", str(shards), "--max-len", "200"]) == 0
-    train = ["train", "--model", str(tiny_llava_dir), "--data", str(shards), "--epochs", "1", "--warmup", "1"]
-    assert main(train + ["--out", str(tmp_path / "small"), "--draft-vocab", "16"]) == 0
+    def train(*extra, data=(shards,)):
+        return ["train", "--model", str(tiny_llava_dir), "--data", *map(str, data), "--epochs", "1", "--warmup", "1",
+                *extra]
+
+    assert main(train("--out", str(tmp_path / "small"), "--draft-vocab", "16")) == 0
     out = capsys.readouterr().out
     first = tmp_path / "small" / out.split("final checkpoint: ")[1].split(" ")[0].split("/")[-1]
-    assert main(train + ["--out", str(tmp_path / "tuned"), "--init-from", str(first)]) == 0
+    records = int(out.split(" records")[0].split()[-1])
+    # fine-tuned on two shard directories (here the same one twice): their records in turn
+    assert main(train("--out", str(tmp_path / "tuned"), "--init-from", str(first), data=(shards, shards))) == 0
     out = capsys.readouterr().out
+    assert f"{2 * records} records" in out
     tuned = tmp_path / "tuned" / out.split("final checkpoint: ")[1].split(" ")[0].split("/")[-1]
     vocab = load_file(str(first / "model.safetensors"))["draft_vocab"]
     assert vocab.numel() == 16 and (load_file(str(tuned / "model.safetensors"))["draft_vocab"] == vocab).all()
-    assert main(train + ["--out", str(tmp_path / "x"), "--init-from", str(first), "--draft-vocab", "16"]) == 2
-    assert main(train + ["--out", str(tmp_path / "y"), "--init-from", str(tmp_path / "nowhere")]) == 2
+    assert main(train("--out", str(tmp_path / "x"), "--init-from", str(first), "--draft-vocab", "16")) == 2
+    assert main(train("--out", str(tmp_path / "y"), "--init-from", str(tmp_path / "nowhere"))) == 2
+    assert main(train("--out", str(tmp_path / "z"), data=(data, data))) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and "--draft-vocab with --init-from" in err[0] and "nowhere" in err[1]
+    assert len(err) == 3 and "--draft-vocab with --init-from" in err[0] and "nowhere" in err[1]
+    assert "shard directories or one conversations JSON, got 2 paths" in err[2]

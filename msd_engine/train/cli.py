@@ -42,9 +42,10 @@ def add_train_parsers(sub) -> None:
 
     p = sub.add_parser("train", help="train a draft head on recorded shards, or on conversations on the fly")
     _add_model_args(p)
-    p.add_argument("--data", required=True, type=Path,
-                   help="shard directory (msd-engine train-data), or a ShareGPT/LLaVA conversations JSON file: "
-                        "then the target computes each batch's features as training goes (nothing stored)")
+    p.add_argument("--data", required=True, type=Path, nargs="+",
+                   help="shard directories (msd-engine train-data; their records in the order given), or one "
+                        "ShareGPT/LLaVA conversations JSON file: then the target computes each batch's features "
+                        "as training goes (nothing stored)")
     p.add_argument("--images", type=Path, default=None,
                    help="with a conversations JSON: image folder (default: the JSON's folder)")
     p.add_argument("--max-len", type=int, default=None,
@@ -198,23 +199,27 @@ def _training_source(args: argparse.Namespace, env):
     from msd_engine.train.data import read_conversations, read_shards
     from msd_engine.train.source import ConversationSource, RecordList
 
-    if not args.data.exists():
-        raise FileNotFoundError(f"{args.data}: not found (give a shard directory or a conversations JSON)")
+    for path in args.data:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: not found (give shard directories or one conversations JSON)")
     device = args.device
     if env.device.type == "cuda":  # NCCL: one GPU per rank
         if args.device != "cuda":
             raise ValueError(f"--device {args.device} under an NCCL launch; use --device cuda")
         device = env.device
-    if args.data.is_dir():
+    if all(path.is_dir() for path in args.data):
         if args.images is not None or args.max_len is not None:
             raise ValueError("--images and --max-len apply to a conversations JSON (on-the-fly training), "
-                             f"not to the shard directory {args.data}")
+                             f"not to shard directories ({', '.join(map(str, args.data))})")
         engine = Engine.load(args.model, device=device, dtype=args.dtype, max_seq_len=16)  # head and embedding only
-        records = read_shards(args.data, hidden_size=engine.config.text.hidden_size)
+        records = [r for d in args.data for r in read_shards(d, hidden_size=engine.config.text.hidden_size)]
         return engine, RecordList(records), f"{len(records)} records"
+    if len(args.data) > 1:
+        raise ValueError(f"--data takes shard directories or one conversations JSON, got {len(args.data)} paths "
+                         f"that are not all directories: {', '.join(map(str, args.data))}")
     max_len = args.max_len if args.max_len is not None else DEFAULT_MAX_LEN
     _positive(max_len=max_len)
-    conversations, skips = read_conversations(args.data, args.images)
+    conversations, skips = read_conversations(args.data[0], args.images)
     engine = Engine.load(args.model, device=device, dtype=args.dtype, max_seq_len=max_len)
     source = ConversationSource(engine, conversations, max_len, skips)
     counts = source.skips.to_dict()
