@@ -119,6 +119,13 @@ def test_measured_tree_tuning_is_cached_per_draft_and_used_by_load(tiny_llava_di
     tune.save_tuned(engine.device, engine.config, dtype, TreeParams(2, 2, 4), rates, draft=half)
     assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft,
                        draft_dtype="bfloat16").tree == TreeParams(2, 2, 4)
+    # a retrained draft whose file differs only in its last byte is another draft: not its tree
+    weights = draft / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert tune.draft_key(draft) != key
+    assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft).tree == TreeParams()
 
 
 def test_cli_measured_tune(tiny_llava_dir, monkeypatch, tmp_path, capsys):
