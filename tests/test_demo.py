@@ -92,6 +92,19 @@ def test_composed_prompt_mixes_are_fixed_distinct_and_never_an_earlier_or_held_o
     assert training_prompt_sets(Recipe(seed=1, composed_prompts=2000, wide_prompts=2000))[name] != mix[:2000]
 
 
+def test_the_recorded_prompt_sets_are_pinned():
+    """The shipped drafts were trained on answers to exactly these sets (recorded shards are resumed by
+    name and count only): an edit to a word list, a template, the seed or the hand-written files
+    changes a set silently, so it must show here, with the drafts re-recorded and retrained."""
+    import hashlib
+
+    from msd_engine.demo.recipe import Recipe, training_prompt_sets
+
+    digests = {name: hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:16]
+               for name, prompts in training_prompt_sets(Recipe()).items()}
+    assert digests == {"written": "2ec29e210379e338", "composed": "8fdb397ffef7b43f", "wide": "593745d892fcc831"}
+
+
 def test_a_prompt_mix_too_small_for_the_count_is_named():
     from msd_engine.demo.prompt_mix_wide import wide_prompts
 

@@ -191,13 +191,19 @@ def test_init_from_starts_a_new_schedule_from_the_checkpoints_weights(target, da
     assert tuned.metrics[0]["loss"] < fresh.metrics[0]["loss"] - 0.3  # the trained draft's loss, not a new one's
 
 
-def test_a_resumed_run_does_not_reload_init_from(target, data, trained, tmp_path):
+def test_a_resumed_fine_tune_must_have_started_from_the_same_weights(target, data, trained, tmp_path):
     kw = dict(batch_size=2, curriculum=None, warmup_steps=1, lr=1e-3)
     first = _train(target, data[1], tmp_path / "run", epochs=1, init_from=trained.checkpoint, **kw)
+    assert json.loads((tmp_path / "run" / "init_from.json").read_text())["checkpoint"] == str(trained.checkpoint)
     other = _train(target, data[1], tmp_path / "other", epochs=1, **kw)  # weights far from `first`'s
-    second = _train(target, data[1], tmp_path / "run", epochs=2, resume=True, init_from=other.checkpoint, **kw)
+    # init_from changed since the run started: an error, not a silently stale fine-tune
+    with pytest.raises(ValueError, match=r"init_from .*other.*started from .*checkpoint-"):
+        _train(target, data[1], tmp_path / "run", epochs=2, resume=True, init_from=other.checkpoint, **kw)
+    with pytest.raises(ValueError, match=r"init_from .* started from no init_from"):
+        _train(target, data[1], tmp_path / "other", epochs=2, resume=True, init_from=trained.checkpoint, **kw)
+    second = _train(target, data[1], tmp_path / "run", epochs=2, resume=True, init_from=trained.checkpoint, **kw)
     assert second.step == 4 and [m["step"] for m in second.metrics] == [3, 4]
-    # it went on from its own checkpoint (the trained draft's weights), not from `other`'s
+    # it went on from its own checkpoint (the trained draft's weights), not from a fresh draft's
     assert second.metrics[0]["loss"] < other.metrics[-1]["loss"] - 0.3
     assert second.metrics[0]["loss"] < first.metrics[-1]["loss"] + 0.3
 
@@ -209,15 +215,18 @@ def test_bad_init_from_is_named(target, data, trained, tmp_path):
     shutil.copytree(trained.checkpoint, wider)
     config = json.loads((wider / "config.json").read_text())
     (wider / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.jsonl").write_text("{}\n")  # a reused directory keeps what it had
     with pytest.raises(ValueError, match=r"init_from .*wider.*intermediate_size"):
         _train(target, data[1], tmp_path / "b", epochs=1, curriculum=None, init_from=wider)
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == "{}\n"
     config = draft_config_for(target.config, "msd", draft_vocab_size=64)
     vocab = torch.arange(0, 64, dtype=torch.int64)
     def reduced(out, init_from=None, draft_vocab=vocab):
         return train_draft(data[1], target.model.text.lm_head, target.model.text.embed_tokens, config, out,
                            epochs=1, warmup_steps=1, draft_vocab=draft_vocab, init_from=init_from)
     # trained on the whole vocabulary: a reduced-vocabulary run cannot start from it
-    with pytest.raises(ValueError, match=r"init_from .*draft_vocab_size \(0 vs 64\)"):
+    with pytest.raises(ValueError, match=r"init_from .*draft_vocab_size \(checkpoint 0, this run 64\)"):
         reduced(tmp_path / "c", init_from=trained.checkpoint)
     small = reduced(tmp_path / "small")
     with pytest.raises(ValueError, match=r"init_from .* another draft vocabulary"):

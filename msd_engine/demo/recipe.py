@@ -68,8 +68,8 @@ def write_conversations(prompts: Sequence[dict], images_dir: Path, path: Path) -
 
 
 def training_prompt_sets(recipe: "Recipe") -> dict[str, list[dict]]:
-    """The instructions the drafts learn from: the hand-written set, and the composed mix
-    (`prompt_mix.py`), which never repeats a hand-written or held-out prompt."""
+    """The instructions the drafts learn from: the hand-written set, the composed mix (`prompt_mix.py`)
+    and the second mix (`prompt_mix_wide.py`); a mix never repeats an earlier set's or a held-out prompt."""
     written = load_prompts(TRAIN_PROMPTS)
     exclude = [p["prompt"] for p in written + load_prompts(HELDOUT_PROMPTS)]
     composed = composed_prompts(recipe.composed_prompts, exclude, PHOTOS, seed=recipe.seed)

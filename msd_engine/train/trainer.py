@@ -20,6 +20,7 @@ A reduced draft vocabulary (`draft_vocab`) restricts the cross-entropy to `lm_he
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -46,6 +47,7 @@ from msd_engine.train.vocab import check_draft_vocab
 
 STATE_FILE = "training_state.pt"
 METRICS_FILE = "metrics.jsonl"
+INIT_FILE = "init_from.json"   # which checkpoint (and its weights' sha256) a fine-tune run started from
 DECAYS = ("cosine", "linear", "constant")
 ADAM_BETAS = (0.9, 0.95)
 
@@ -190,7 +192,9 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
     autocast: run forward and loss under bf16 autocast (None: on CUDA yes, on the CPU no).
     init_from: a checkpoint directory whose weights a fresh run starts from, with a new optimizer and
     schedule (fine-tuning a trained draft on more data); its config must be this one's and its draft
-    vocabulary `draft_vocab`. A run resumed from out_dir's own checkpoint does not read it."""
+    vocabulary `draft_vocab` (the mode, msd or eagle, is not recorded in a checkpoint: not checked).
+    out_dir records it (INIT_FILE); a resumed run continues from its own checkpoint and must have
+    started from the same weights, so a changed init_from is an error rather than silently ignored."""
     source = as_source(records)
     _check_args(source, config, epochs, lr, warmup_steps, batch_size, save_every, curriculum, decay)
     _check_draft_vocab(draft_vocab, config)
@@ -210,9 +214,10 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
     total = len(plan)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total, decay))
     metrics_path = out_dir / METRICS_FILE
+    start = None if init_from is None else _read_init(module, Path(init_from))  # checked before out_dir changes
     step, checkpoint = _start(out_dir, resume, module, optimizer, scheduler, draft_vocab, env)
-    if step == 0 and init_from is not None:
-        _init_weights(module, Path(init_from))
+    if start is not None:
+        _apply_init(out_dir, step, module, Path(init_from), *start, env)
     model = module
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
@@ -257,7 +262,7 @@ def _start(out_dir: Path, resume: bool, module: DraftModule, optimizer, schedule
     # epochs (a stretched schedule) must take its lr from this run's schedule instead.
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(step)
-    if draft_vocab is not None and not torch.equal(module.state_dict()["draft_vocab"].cpu(), draft_vocab.cpu()):
+    if draft_vocab is not None and not torch.equal(module.state_dict()[DRAFT_VOCAB_KEY].cpu(), draft_vocab.cpu()):
         raise ValueError(f"{checkpoint} was trained with another draft vocabulary than the one given")
     if env.is_main():
         _trim_metrics(metrics_path, step)
@@ -279,19 +284,42 @@ def checkpoint_draft_vocab(checkpoint: Path) -> Optional[torch.Tensor]:
     return weights.get(DRAFT_VOCAB_KEY)
 
 
-def _init_weights(module: DraftModule, checkpoint: Path) -> None:
-    """Load a checkpoint's weights into a fresh module: same config.json, same draft vocabulary."""
+def _read_init(module: DraftModule, checkpoint: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A checkpoint's weights for a fresh module (same config.json, same draft vocabulary), and the
+    sha256 of its weights file."""
     config_path, weights_path = _checkpoint_files(checkpoint)
     saved, wanted = json.loads(config_path.read_text()), hf_config(module.config)
     differ = sorted(k for k in wanted.keys() | saved.keys() if saved.get(k) != wanted.get(k))
     if differ:
         raise ValueError(f"init_from {checkpoint}: config.json differs from this run's draft in "
-                         + ", ".join(f"{k} ({saved.get(k)!r} vs {wanted.get(k)!r})" for k in differ))
+                         + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, this run {wanted.get(k)!r})"
+                                     for k in differ))
     weights = load_file(str(weights_path))
     if module.config.draft_vocab_size and not torch.equal(weights.get(DRAFT_VOCAB_KEY, torch.empty(0)),
                                                           module.state_dict()[DRAFT_VOCAB_KEY].cpu()):
         raise ValueError(f"init_from {checkpoint} was trained with another draft vocabulary than the one given")
-    module.load_weights(weights)
+    digest = hashlib.sha256()
+    with open(weights_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return weights, digest.hexdigest()
+
+
+def _apply_init(out_dir: Path, step: int, module: DraftModule, checkpoint: Path, weights: dict[str, torch.Tensor],
+                digest: str, env: DistEnv) -> None:
+    """A fresh run loads the weights and records where they came from; a resumed one checks that it
+    started from these same weights (it goes on from its own checkpoint)."""
+    record = out_dir / INIT_FILE
+    if step == 0:
+        module.load_weights(weights)
+        if env.is_main():
+            record.write_text(json.dumps({"checkpoint": str(checkpoint), "sha256": digest}, indent=1) + "\n")
+        return
+    started = json.loads(record.read_text()) if record.is_file() else None
+    if started is None or started.get("sha256") != digest:
+        origin = "no init_from" if started is None else f"{started.get('checkpoint')} (other weights)"
+        raise ValueError(f"init_from {checkpoint}: the run in {out_dir} being resumed started from {origin}; "
+                         "give a new out_dir to fine-tune from these weights")
 
 
 def _autocast_enabled(autocast: Optional[bool], device: torch.device) -> bool:
