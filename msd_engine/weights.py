@@ -5,8 +5,9 @@ names the first missing, unexpected or mis-shaped tensor.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,6 +19,15 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 
 Shape = tuple[int, ...]
+
+
+def hash_file(path: Path, digest: Optional["hashlib._Hash"] = None) -> "hashlib._Hash":
+    """`digest` (a new sha256 if None) updated with the bytes of the file at `path`, read in blocks."""
+    digest = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest
 
 
 def _vision_shapes(config: ModelConfig) -> dict[str, Shape]:

@@ -104,13 +104,14 @@ def install_draft(mode: str, target_dir: Path, dst: Path, shipped_root: Path = S
 def prepare(mode: str, progress: bool = True) -> tuple[Path, Path]:
     """The demo target and the `mode` draft in the demo cache, built or installed when missing or
     when the package ships a different draft than the one installed."""
-    from msd_engine.demo.target import ensure_target, file_sha256
+    from msd_engine.demo.target import ensure_target
+    from msd_engine.weights import hash_file
 
     home = demo_home()
     target = ensure_target(home / "target", progress)
     draft = home / "drafts" / mode
     stamp = draft / "shipped.sha256"
-    shipped = file_sha256(SHIPPED_DRAFTS / mode / HEAD_FILE)
+    shipped = hash_file(SHIPPED_DRAFTS / mode / HEAD_FILE).hexdigest()
     if not stamp.is_file() or stamp.read_text().strip() != shipped:
         if progress:
             print(f"installing the shipped {mode} draft in {draft} ...", flush=True)

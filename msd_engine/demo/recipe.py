@@ -118,7 +118,7 @@ def train_drafts(target_dir: Path, shards: Sequence[Path], work: Path, recipe: R
     if recipe.draft_vocab:
         vocab = frequent_tokens(records, recipe.draft_vocab, always=engine.config.eos_token_ids,
                                 vocab_size=engine.config.text.vocab_size)
-    more = [r for d in added for r in read_shards(d, hidden_size=hidden)]
+    more = [r for d in added for r in read_shards(d, hidden_size=hidden)] if recipe.finetune_epochs else []
     text = engine.model.text
     # Stage 2 resumes stage 1's checkpoint with the cosine schedule re-planned over more epochs: the lr
     # climbs back to where the longer schedule stands (0.4 of the peak for 8 -> 14) and decays to 0
@@ -135,7 +135,7 @@ def train_drafts(target_dir: Path, shards: Sequence[Path], work: Path, recipe: R
                                  batch_size=recipe.batch_size,
                                  curriculum=Curriculum(recipe.text_epochs, recipe.ramp_epochs, epochs),
                                  seed=recipe.seed, resume=True, progress=progress, draft_vocab=vocab)
-        if more and recipe.finetune_epochs:
+        if more:
             # Stage 3: a new run from stage 2's weights over every set, images in from the start.
             result = train_draft(records + more, text.lm_head, text.embed_tokens, config,
                                  work / "runs" / f"{mode}-finetune", epochs=recipe.finetune_epochs,
@@ -173,10 +173,11 @@ def run_recipe(work: Optional[Path] = None, recipe: Recipe = Recipe(), modes: Se
     (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
     target = ensure_target(demo_home() / "target", progress)
     torch.manual_seed(recipe.seed)
+    # the second mix only feeds stage 3: not recorded (~23 min here) without it
     shards = {name: record_answers(target, work, name, prompts, recipe, progress)
-              for name, prompts in training_prompt_sets(recipe).items()}
+              for name, prompts in training_prompt_sets(recipe).items() if name != "wide" or recipe.finetune_epochs}
     drafts = train_drafts(target, [shards["written"], shards["composed"]], work, recipe, modes, ship_to, progress,
-                          added=[shards["wide"]])
+                          added=[shards["wide"]] if "wide" in shards else [])
     report = {mode: heldout_tau(target, path, work / "images", recipe.eval_max_new_tokens)
               for mode, path in drafts.items()}
     (work / "heldout_tau.json").write_text(json.dumps(report, indent=2) + "\n")

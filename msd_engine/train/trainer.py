@@ -20,7 +20,6 @@ A reduced draft vocabulary (`draft_vocab`) restricts the cross-entropy to `lm_he
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from msd_engine.train.distributed import DistEnv
 from msd_engine.train.losses import NOISE_REF_LEN, NOISE_SCALE, draft_loss
 from msd_engine.train.module import DraftModule
 from msd_engine.train.records import DraftRecord
+from msd_engine.weights import hash_file
 from msd_engine.train.source import RecordSource, as_source
 from msd_engine.train.vocab import check_draft_vocab
 
@@ -262,11 +262,17 @@ def _start(out_dir: Path, resume: bool, module: DraftModule, optimizer, schedule
     # epochs (a stretched schedule) must take its lr from this run's schedule instead.
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(step)
-    if draft_vocab is not None and not torch.equal(module.state_dict()[DRAFT_VOCAB_KEY].cpu(), draft_vocab.cpu()):
-        raise ValueError(f"{checkpoint} was trained with another draft vocabulary than the one given")
+    if draft_vocab is not None:
+        _check_same_vocab(module, draft_vocab, checkpoint)
     if env.is_main():
         _trim_metrics(metrics_path, step)
     return step, checkpoint
+
+
+def _check_same_vocab(module: DraftModule, vocab: torch.Tensor, source) -> None:
+    """The checkpoint `source`'s draft vocabulary `vocab` must be the run's (`module`'s)."""
+    if not torch.equal(module.state_dict()[DRAFT_VOCAB_KEY].cpu(), vocab.cpu()):
+        raise ValueError(f"{source} was trained with another draft vocabulary than the one given")
 
 
 def _checkpoint_files(checkpoint: Path) -> tuple[Path, Path]:
@@ -295,14 +301,9 @@ def _read_init(module: DraftModule, checkpoint: Path) -> tuple[dict[str, torch.T
                          + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, this run {wanted.get(k)!r})"
                                      for k in differ))
     weights = load_file(str(weights_path))
-    if module.config.draft_vocab_size and not torch.equal(weights.get(DRAFT_VOCAB_KEY, torch.empty(0)),
-                                                          module.state_dict()[DRAFT_VOCAB_KEY].cpu()):
-        raise ValueError(f"init_from {checkpoint} was trained with another draft vocabulary than the one given")
-    digest = hashlib.sha256()
-    with open(weights_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return weights, digest.hexdigest()
+    if module.config.draft_vocab_size:
+        _check_same_vocab(module, weights.get(DRAFT_VOCAB_KEY, torch.empty(0)), f"init_from {checkpoint}")
+    return weights, hash_file(weights_path).hexdigest()
 
 
 def _apply_init(out_dir: Path, step: int, module: DraftModule, checkpoint: Path, weights: dict[str, torch.Tensor],
