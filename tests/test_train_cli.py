@@ -89,6 +89,12 @@ def test_init_from_fine_tunes_with_the_checkpoints_vocabulary(tiny_llava_dir, tm
     assert before["draft_vocab"].numel() == 16 and before.keys() == after.keys()
     for name in before:
         torch.testing.assert_close(after[name], before[name], atol=1e-6, rtol=0)
+    assert main(train("--out", str(tmp_path / "unrolled"), "--init-from", str(first), "--unroll-steps", "2")) == 0
+    capsys.readouterr()
+    rows = (tmp_path / "unrolled" / "metrics.jsonl").read_text().splitlines()
+    assert rows and all("acc_2" in json.loads(r) and "acc_3" not in json.loads(r) for r in rows)
+    assert main(train("--out", str(tmp_path / "u0"), "--unroll-steps", "0")) == 2
+    assert "unroll_steps must be an int >= 1, got 0" in capsys.readouterr().err
     assert main(train("--out", str(tmp_path / "x"), "--init-from", str(first), "--draft-vocab", "16")) == 2
     assert main(train("--out", str(tmp_path / "y"), "--init-from", str(tmp_path / "nowhere"))) == 2
     assert main(train("--out", str(tmp_path / "z"), data=(data, data))) == 2

@@ -28,6 +28,7 @@ WORLD = 2
 # the last batch leaves rank 1 idle, and random masks put uneven positions on the ranks.
 TRAIN = dict(epochs=2, lr=1e-3, warmup_steps=1, batch_size=4, curriculum=Curriculum(1, 0, 2), save_every=2, seed=3)
 STEPS = 5
+UNROLLED = {**TRAIN, "save_every": 0, "unroll_steps": 3}
 
 
 def _data() -> tuple[list[DraftRecord], torch.Tensor, torch.Tensor]:
@@ -67,6 +68,9 @@ def _worker(rank: int, port: int, root: str) -> None:
         distributed.barrier()
         resumed = train_draft(records, lm_head, embed, CONFIG, root / "part", resume=True, **TRAIN)
         assert [m["step"] for m in resumed.metrics] == [3, 4, 5]
+        # unrolled training (a list of predictions through the DDP wrapper) reduces its extra stats too
+        unrolled = train_draft(records, lm_head, embed, CONFIG, root / f"unroll{rank}", **UNROLLED)
+        (root / f"unroll_history{rank}.json").write_text(json.dumps(unrolled.metrics))
     finally:
         dist.destroy_process_group()
 
@@ -86,6 +90,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     records, lm_head, embed = _data()
     single = train_draft(records, lm_head, embed, CONFIG, root / "single", **TRAIN)
+    train_draft(records, lm_head, embed, CONFIG, root / "unroll_single", **UNROLLED)
     mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True)
     return root, single
 
@@ -125,6 +130,23 @@ def test_two_ranks_equal_one_process(runs):
     a = load_file(str(root / "rank0" / f"checkpoint-{STEPS}" / "model.safetensors"))
     b = load_file(str(single.checkpoint / "model.safetensors"))
     assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_equal_one_process_unrolled(runs):
+    root, _ = runs
+    ref = _rows(root / "unroll_single" / "metrics.jsonl")
+    got = _rows(root / "unroll0" / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1)) == [r["step"] for r in ref]
+    for a, b in zip(got, ref):
+        assert a.keys() == b.keys() and {"acc_2", "acc_3"} <= a.keys()
+        for key in ("loss", "feature_loss", "ce_loss", "acc", "acc_2", "acc_3", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    assert (json.loads((root / "unroll_history1.json").read_text())
+            == json.loads((root / "unroll_history0.json").read_text()))
+    a = load_file(str(root / "unroll0" / f"checkpoint-{STEPS}" / "model.safetensors"))
+    b = load_file(str(root / "unroll_single" / f"checkpoint-{STEPS}" / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 

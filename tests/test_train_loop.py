@@ -191,6 +191,29 @@ def test_init_from_starts_a_new_schedule_from_the_checkpoints_weights(target, da
     assert tuned.metrics[0]["loss"] < fresh.metrics[0]["loss"] - 0.3  # the trained draft's loss, not a new one's
 
 
+def test_unrolled_training_logs_every_step_and_teaches_the_later_ones(target, data, trained, tmp_path):
+    """unroll_steps (the recipe's fourth stage): step 1's statistics are a plain run's, the later
+    steps' top-1 is logged as acc_k, and training raises the later steps' agreement."""
+    kw = dict(epochs=1, batch_size=2, curriculum=None, warmup_steps=1, init_from=trained.checkpoint, lr=1e-12)
+    plain = _train(target, data[1], tmp_path / "plain", **kw)
+    still = _train(target, data[1], tmp_path / "still", unroll_steps=3, **kw)
+    for a, b in zip(plain.metrics, still.metrics):  # same weights, same noise: step 1 is the plain step
+        for key in ("feature_loss", "ce_loss", "acc", "positions"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), key
+        assert "acc_2" not in a and {"acc_2", "acc_3"} <= b.keys() and "acc_4" not in b
+    epochs = 30
+    taught = _train(target, data[1], tmp_path / "taught", **{**kw, "lr": 3e-3, "epochs": epochs, "init_from": None},
+                    unroll_steps=3)  # from a fresh draft: `trained` already agrees at step 3
+    rows = taught.metrics
+    def mean(key, epoch):
+        values = [r[key] for r in rows if r["epoch"] == epoch]
+        return sum(values) / len(values)
+    assert mean("acc_3", epochs) > mean("acc_3", 1) + 0.2
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="unroll_steps must be an int >= 1"):
+            _train(target, data[1], tmp_path / "bad", unroll_steps=bad, **kw)
+
+
 def test_a_resumed_fine_tune_must_have_started_from_the_same_weights(target, data, trained, tmp_path):
     kw = dict(batch_size=2, curriculum=None, warmup_steps=1, lr=1e-3)
     first = _train(target, data[1], tmp_path / "run", epochs=1, init_from=trained.checkpoint, **kw)

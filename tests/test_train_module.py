@@ -95,3 +95,56 @@ def test_gqa_forward_runs_and_is_causal():
     out2 = module(ids, feats2)
     torch.testing.assert_close(out[:, :4], out2[:, :4])
     assert not torch.allclose(out[:, 4:], out2[:, 4:])
+
+
+def _drafted(module, ids, feats, rows, is_image, context_end, depth):
+    """Plain reference for `forward_unrolled`: the draft run as drafting runs it, with `forward`
+    alone: target features up to `context_end`, then `depth` - 1 predictions fed back one at a time."""
+    f = feats[:, :context_end + 1]
+    for j in range(depth):
+        end = context_end + 1 + j
+        out = module(ids[:, :end], f, None if rows is None else rows[:, :end],
+                     None if is_image is None else is_image[:, :end])
+        f = torch.cat([f, out[:, -1:]], dim=1)
+    return out[:, -1]
+
+
+@pytest.mark.parametrize("mode,kv_heads", [("msd", 2), ("eagle", 4), ("msd", 4)])
+def test_unrolled_steps_are_the_draft_fed_its_own_predictions(mode, kv_heads):
+    config = DraftConfig(hidden_size=16, intermediate_size=24, num_heads=4, num_kv_heads=kv_heads,
+                         vocab_size=50, mode=mode)
+    module = DraftModule.from_config(config, torch.randn(50, 16), std=0.3, seed=2)
+    g = torch.Generator().manual_seed(4)
+    n = 9
+    ids = torch.randint(0, 50, (2, n), generator=g)
+    feats = torch.randn(2, n, 16, generator=g)
+    rows = torch.randn(2, n, 16, generator=g)
+    is_image = torch.zeros(2, n, dtype=torch.bool)
+    is_image[:, 1:4] = True
+    steps = module.forward_unrolled(ids, feats, rows, is_image, steps=3)
+    assert len(steps) == 3
+    torch.testing.assert_close(steps[0], module(ids, feats, rows, is_image))
+    for k in (2, 3):
+        for i in range(k - 1, n):
+            want = _drafted(module, ids, feats, rows, is_image, i - k + 1, k)
+            torch.testing.assert_close(steps[k - 1][:, i], want, atol=1e-5, rtol=1e-5)
+
+
+def test_unrolled_steps_ignore_right_padding_and_carry_gradients():
+    config = DraftConfig(hidden_size=16, intermediate_size=24, num_heads=4, num_kv_heads=2, vocab_size=50)
+    module = DraftModule.from_config(config, torch.randn(50, 16), std=0.3, seed=1)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 50, (1, 6), generator=g)
+    feats = torch.randn(1, 6, 16, generator=g)
+    plain = module.forward_unrolled(ids, feats, steps=3)
+    pad = 4
+    padded = module.forward_unrolled(torch.nn.functional.pad(ids, (0, pad)),
+                                     torch.nn.functional.pad(feats, (0, 0, 0, pad)),
+                                     attention_mask=torch.arange(6 + pad)[None] < 6, steps=3)
+    for a, b in zip(plain, padded):
+        torch.testing.assert_close(b[:, :6], a)
+    # a later step's loss reaches the weights through the earlier steps' predictions too
+    plain[2].sum().backward()
+    assert module.fc.weight.grad is not None and module.fc.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="steps"):
+        module.forward_unrolled(ids, feats, steps=0)

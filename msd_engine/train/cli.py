@@ -70,6 +70,9 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--init-from", type=Path, default=None,
                    help="a training checkpoint-STEP directory to start from (fresh optimizer and schedule): "
                         "fine-tune a trained draft on more data; it keeps the checkpoint's draft vocabulary")
+    p.add_argument("--unroll-steps", type=int, default=1,
+                   help="train the draft N steps deep, each step fed the previous step's predicted features as "
+                        "drafting feeds them (training-time test; costs about N times a plain step; 1: plain)")
 
     p = sub.add_parser("eval-draft", help="acceptance length (tau) of a converted draft on prompts")
     _add_model_args(p)
@@ -181,7 +184,8 @@ def _run_train(args: argparse.Namespace, curriculum, env) -> int:
     result = train_draft(source, text_model.lm_head, text_model.embed_tokens, config, args.out, epochs=args.epochs,
                          lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size, curriculum=curriculum,
                          save_every=args.save_every, seed=args.seed, resume=args.resume, draft_vocab=draft_vocab,
-                         autocast=False if args.no_autocast else None, init_from=args.init_from)
+                         autocast=False if args.no_autocast else None, init_from=args.init_from,
+                         unroll_steps=args.unroll_steps)
     if not env.is_main():
         return 0
     metrics = Path(args.out) / METRICS_FILE

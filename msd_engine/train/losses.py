@@ -17,7 +17,7 @@ vocabulary (the target's top-1 there). The feature regression (SmoothL1) is unch
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 CE_WEIGHT = 0.1        # soft cross-entropy weight beside the feature regression (MSD / EAGLE)
 NOISE_SCALE = 0.2      # uniform noise width at the reference length
 NOISE_REF_LEN = 512    # ... scaled by NOISE_REF_LEN / seq_len
+UNROLL_DECAY = 0.8     # weight of unrolled draft step k relative to step k-1
 
 
 def draft_loss(pred: torch.Tensor, target_features: torch.Tensor, loss_mask: torch.Tensor, lm_head: torch.Tensor,
@@ -75,3 +76,28 @@ def input_noise(features: torch.Tensor, generator: torch.Generator) -> torch.Ten
     n = features.shape[-2]
     u = torch.rand(features.shape, generator=generator, dtype=torch.float32).to(features.device, features.dtype)
     return features + (u - 0.5) * NOISE_SCALE * NOISE_REF_LEN / n
+
+
+def unrolled_loss(preds: Sequence[torch.Tensor], target_features: torch.Tensor, loss_mask: torch.Tensor,
+                  lm_head: torch.Tensor, draft_vocab: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of an unrolled draft (`DraftModule.forward_unrolled`): every step's prediction at
+    position i is compared, as in `draft_loss`, with feature i+1 (a draft k steps deep still predicts
+    the next feature of its own position), weighted UNROLL_DECAY**(k-1), normalised by the weights'
+    sum so that the scale matches one step's. stats: step 1's (loss is the combined one), and acc_k,
+    the top-1 agreement at step k >= 2."""
+    if not preds:
+        raise ValueError("unrolled_loss needs at least one step's predictions")
+    weights = [UNROLL_DECAY ** k for k in range(len(preds))]
+    total = None
+    stats: dict[str, float] = {}
+    for k, (pred, w) in enumerate(zip(preds, weights), start=1):
+        loss, step_stats = draft_loss(pred, target_features, loss_mask, lm_head, draft_vocab)
+        total = loss * w if total is None else total + loss * w
+        if k == 1:
+            stats = dict(step_stats)
+        else:
+            stats[f"acc_{k}"] = step_stats["acc"]
+    total = total / sum(weights)
+    stats["loss"] = float(total.detach())
+    return total, stats

@@ -10,7 +10,7 @@ target token ids the draft proposes), which the checkpoint stores under that key
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +44,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                earlier: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> tuple[torch.Tensor, tuple]:
+        """x [B, N, H] -> (output [B, N, H], this call's (keys, values) [B, Hkv, N, D] after RoPE).
+
+        earlier: the (keys, values) of the unrolled draft steps before this one (see
+        `DraftModule.forward_unrolled`); empty: plain causal attention over x itself under `mask`
+        [B, N, N]. Given k-1 earlier steps, this is step k: the main keys are step 1's under `mask`
+        [B, N, N], and query i also reads, for each later step m = 2..k, the single key of step m at
+        position i-(k-m) (its own key for m = k), where that position exists."""
         cfg = self.config
         b, n, _ = x.shape
         d = cfg.head_dim
@@ -54,11 +61,32 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, n, cfg.num_kv_heads, d).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         groups = cfg.num_heads // cfg.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d)                         # [B, Hq, N, N]
+        main_k, main_v = earlier[0] if earlier else (k, v)
+        main_k, main_v = main_k.repeat_interleave(groups, dim=1), main_v.repeat_interleave(groups, dim=1)
+        scores = q @ main_k.transpose(-1, -2) / math.sqrt(d)                    # [B, Hq, N, N]
         scores = scores.float().masked_fill(~mask[:, None], float("-inf"))
-        attn = scores.softmax(-1).to(v.dtype) @ v                               # [B, Hq, N, D]
-        return self.o_proj(attn.transpose(1, 2).reshape(b, n, cfg.num_heads * d))
+        if not earlier:
+            attn = scores.softmax(-1).to(v.dtype) @ main_v                      # [B, Hq, N, D]
+        else:
+            steps = len(earlier) + 1
+            later = list(earlier[1:]) + [(k, v)]                                # steps 2..k
+            shifts = [steps - m for m in range(2, steps + 1)]                   # step m sits k-m back
+            diag_k = torch.stack([_shift(t, s) for (t, _), s in zip(later, shifts)], dim=3)   # [B, Hkv, N, S, D]
+            diag_v = torch.stack([_shift(t, s) for (_, t), s in zip(later, shifts)], dim=3)
+            diag_k, diag_v = diag_k.repeat_interleave(groups, dim=1), diag_v.repeat_interleave(groups, dim=1)
+            diag = (q[:, :, :, None, :] * diag_k).sum(-1).float() / math.sqrt(d)  # [B, Hq, N, S]
+            exists = torch.arange(n, device=x.device)[:, None] >= torch.tensor(shifts, device=x.device)[None]
+            diag = diag.masked_fill(~exists, float("-inf"))
+            weights = torch.cat([scores, diag], dim=-1).softmax(-1).to(v.dtype)
+            attn = weights[..., :n] @ main_v + (weights[..., n:, None] * diag_v).sum(3)
+        return self.o_proj(attn.transpose(1, 2).reshape(b, n, cfg.num_heads * d)), (k, v)
+
+
+def _shift(t: torch.Tensor, by: int) -> torch.Tensor:
+    """[B, H, N, D] -> row i holds row i-by (zeros where i < by)."""
+    if by == 0:
+        return t
+    return torch.cat([t.new_zeros(t.shape[:2] + (by,) + t.shape[3:]), t[:, :, :-by]], dim=2)
 
 
 class MLP(nn.Module):
@@ -82,9 +110,11 @@ class DraftLayer(nn.Module):
         self.mlp = MLP(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask):
-        h = x + self.self_attn(x, cos, sin, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, cos, sin, mask, earlier=()):
+        """-> (output, this call's attention (keys, values)); see `Attention.forward`."""
+        attn, kv = self.self_attn(x, cos, sin, mask, earlier)
+        h = x + attn
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -154,21 +184,54 @@ class DraftModule(nn.Module):
         return fused
 
     def forward(self, token_ids: torch.Tensor, features: torch.Tensor, image_rows: Optional[torch.Tensor] = None,
-                is_image: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                is_image: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                steps: Optional[int] = None):
         """token_ids [B, N], features [B, N, H] -> predicted next features [B, N, H].
 
         attention_mask [B, N] (1 = real token) masks right padding out of the keys; positions are
-        0..N-1 per row (left-aligned sequences)."""
+        0..N-1 per row (left-aligned sequences). steps (an int): `forward_unrolled`'s list instead
+        (through forward, so that a DistributedDataParallel wrapper can run it)."""
+        if steps is not None:
+            return self.forward_unrolled(token_ids, features, image_rows, is_image, attention_mask, steps)
+        return self.forward_unrolled(token_ids, features, image_rows, is_image, attention_mask, steps=1)[0]
+
+    def forward_unrolled(self, token_ids: torch.Tensor, features: torch.Tensor,
+                         image_rows: Optional[torch.Tensor] = None, is_image: Optional[torch.Tensor] = None,
+                         attention_mask: Optional[torch.Tensor] = None, steps: int = 1) -> list[torch.Tensor]:
+        """The draft run `steps` times the way drafting runs it (training-time test, as HASS and
+        EAGLE-3 train): a list of [B, N, H] predictions, one per step.
+
+        Step 1 is `forward`. At step k > 1, position i takes token i+1 with step k-1's prediction at
+        position i-1 (what the draft predicted for feature i, in place of the target's) and attends
+        to step 1's keys up to position i-k+1 (the context: target features) and to one key of each
+        step m = 2..k, at position i-(k-m): exactly the keys a draft at depth k-1 sees when the
+        context ends at position i-k+1. Its prediction is compared, like step 1's, with feature i+1.
+        Position 0 of a later step has no earlier prediction and keeps its input feature."""
         if token_ids.dim() != 2 or features.shape[:2] != token_ids.shape:
             raise ValueError(f"token_ids [B, N] and features [B, N, H] expected, got {list(token_ids.shape)} "
                              f"and {list(features.shape)}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         b, n = token_ids.shape
-        x = self.inputs(token_ids, features, image_rows, is_image)
-        mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril().expand(b, n, n)
-        if attention_mask is not None:
-            # keep the diagonal so padded queries never see an all -inf row (their outputs are ignored)
-            mask = mask & (attention_mask.bool()[:, None, :] | torch.eye(n, dtype=torch.bool, device=x.device))
-        cos, sin = rotary(self.config, n, x.dtype, x.device)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return x
+        device = token_ids.device
+        real = (torch.ones(b, n, dtype=torch.bool, device=device) if attention_mask is None
+                else attention_mask.bool())
+        # keep the diagonal so padded queries never see an all -inf row (their outputs are ignored)
+        first = torch.ones(n, n, dtype=torch.bool, device=device).tril() & (
+            real[:, None, :] | torch.eye(n, dtype=torch.bool, device=device))   # [B, N, N]
+        cos = sin = None
+        kv: list[list] = [[] for _ in self.layers]
+        preds = []
+        inputs = features
+        for step in range(1, steps + 1):
+            x = self.inputs(token_ids, inputs, image_rows, is_image)
+            if cos is None:
+                cos, sin = rotary(self.config, n, x.dtype, x.device)
+            # step k > 1: step 1's keys up to i-k+1 only (later steps' keys come one per position)
+            mask = first if step == 1 else first & torch.ones(n, n, dtype=torch.bool, device=device).tril(1 - step)
+            for layer, earlier in zip(self.layers, kv):
+                x, keys = layer(x, cos, sin, mask, earlier)
+                earlier.append(keys)
+            preds.append(x)
+            inputs = torch.cat([features[:, :1], x[:, :-1].to(features.dtype)], dim=1)
+        return preds

@@ -38,7 +38,7 @@ from msd_engine.draft.weights import DRAFT_VOCAB_KEY
 from msd_engine.train import distributed
 from msd_engine.train.curriculum import Curriculum
 from msd_engine.train.distributed import DistEnv
-from msd_engine.train.losses import NOISE_REF_LEN, NOISE_SCALE, draft_loss
+from msd_engine.train.losses import NOISE_REF_LEN, NOISE_SCALE, draft_loss, unrolled_loss
 from msd_engine.train.module import DraftModule
 from msd_engine.train.records import DraftRecord
 from msd_engine.weights import hash_file
@@ -181,7 +181,7 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
                 curriculum: Optional[Curriculum] = None, save_every: int = 0, seed: int = 0, resume: bool = False,
                 decay: str = "cosine", init_std: float = 0.02, progress: bool = True,
                 draft_vocab: Optional[torch.Tensor] = None, autocast: Optional[bool] = None,
-                init_from: Optional[Path] = None) -> TrainResult:
+                init_from: Optional[Path] = None, unroll_steps: int = 1) -> TrainResult:
     """Train a draft head on `records` (a RecordSource, or DraftRecords in memory) on the rank's device.
 
     batch_size: the global batch (split evenly over the ranks when torch.distributed is initialised).
@@ -194,10 +194,14 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
     schedule (fine-tuning a trained draft on more data); its config must be this one's and its draft
     vocabulary `draft_vocab` (the mode, msd or eagle, is not recorded in a checkpoint: not checked).
     out_dir records it (INIT_FILE); a resumed run continues from its own checkpoint and must have
-    started from the same weights, so a changed init_from is an error rather than silently ignored."""
+    started from the same weights, so a changed init_from is an error rather than silently ignored.
+    unroll_steps: train the draft as drafting runs it, that many steps deep, each later step fed the
+    previous step's predicted features (`DraftModule.forward_unrolled`, `unrolled_loss`); 1: plain."""
     source = as_source(records)
     _check_args(source, config, epochs, lr, warmup_steps, batch_size, save_every, curriculum, decay)
     _check_draft_vocab(draft_vocab, config)
+    if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, int) or unroll_steps < 1:
+        raise ValueError(f"unroll_steps must be an int >= 1, got {unroll_steps!r}")
     env = distributed.current()
     if batch_size % env.world_size:
         raise ValueError(f"batch_size {batch_size} (the global batch) not divisible by the world size "
@@ -223,7 +227,8 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
     ctx = _Step(model, optimizer, scheduler, params, target_lm_head.detach().float().to(env.device),
-                None if draft_vocab is None else draft_vocab.to(env.device), grad_clip, use_autocast, env)
+                None if draft_vocab is None else draft_vocab.to(env.device), grad_clip, use_autocast, env,
+                unroll_steps)
     history = []
     module.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", leave=False,
@@ -344,6 +349,7 @@ class _Step:
     grad_clip: float
     autocast: bool                          # bf16 autocast of forward and loss
     env: DistEnv
+    unroll_steps: int = 1                   # draft steps per sample (training-time test); 1: plain
 
 
 def _save(env: DistEnv, out_dir: Path, module, optimizer, scheduler, step: int, epoch: int, seed: int) -> Path:
@@ -400,7 +406,7 @@ def _global_loss(loss: torch.Tensor, stats: dict, batch: dict, env: DistEnv) -> 
     however unevenly the positions fall on the ranks. Statistics are weighted the same way."""
     weight = float(batch["loss_mask"][:, 1:].sum())  # this rank's weight (0 on an idle rank)
     d_r = max(weight, 1.0)                            # draft_loss's own denominator
-    keys = ("loss", "feature_loss", "ce_loss", "acc")
+    keys = tuple(k for k in stats if k != "positions")  # the weighted means (loss, accuracies, ...)
     sums = torch.tensor([stats[k] * d_r for k in keys] + [stats["positions"], weight], dtype=torch.float64,
                         device=env.device)
     sums = distributed.all_reduce_sum(sums).tolist()
@@ -413,9 +419,14 @@ def _train_step(ctx: _Step, batch: dict) -> dict:
     lr = ctx.optimizer.param_groups[0]["lr"]
     # master weights stay float32; autocast only lowers the precision of the forward's matmuls
     with torch.autocast(ctx.env.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
-        pred = ctx.model(batch["token_ids"], batch["noisy"], batch["image_rows"], batch["is_image"],
-                         batch["attention_mask"])
-        loss, stats = draft_loss(pred, batch["features"], batch["loss_mask"], ctx.lm_head, ctx.draft_vocab)
+        if ctx.unroll_steps == 1:
+            pred = ctx.model(batch["token_ids"], batch["noisy"], batch["image_rows"], batch["is_image"],
+                             batch["attention_mask"])
+            loss, stats = draft_loss(pred, batch["features"], batch["loss_mask"], ctx.lm_head, ctx.draft_vocab)
+        else:
+            preds = ctx.model(batch["token_ids"], batch["noisy"], batch["image_rows"], batch["is_image"],
+                              batch["attention_mask"], steps=ctx.unroll_steps)
+            loss, stats = unrolled_loss(preds, batch["features"], batch["loss_mask"], ctx.lm_head, ctx.draft_vocab)
     if ctx.env.distributed:
         loss, stats = _global_loss(loss, stats, batch, ctx.env)
     ctx.optimizer.zero_grad(set_to_none=True)
