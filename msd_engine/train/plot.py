@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Write a PNG with the loss (total, feature, 0.1 x CE) and the draft's top-1 agreement per step."""
+    """Write a PNG with the loss (total, feature, 0.1 x CE) and the draft's top-1 agreement per step
+    (per draft step, for an unrolled run)."""
     try:
         import matplotlib
     except ImportError as e:
@@ -27,7 +28,12 @@ def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
             ax_loss.plot(steps, [r[key] for r in rows], label=key, linewidth=1)
     ax_loss.set(xlabel="step", ylabel="loss", title="draft loss", yscale="log")
     ax_loss.legend()
-    ax_acc.plot(steps, [r["acc"] for r in rows], color="tab:green", linewidth=1)
+    ax_acc.plot(steps, [r["acc"] for r in rows], color="tab:green", linewidth=1, label="step 1")
+    unrolled = sorted((k for k in rows[0] if k.startswith("acc_")), key=lambda k: int(k.split("_")[1]))
+    for key in unrolled:  # an unrolled run's later draft steps (train --unroll-steps)
+        ax_acc.plot(steps, [r[key] for r in rows], linewidth=1, label=f"step {key.split('_')[1]}")
+    if unrolled:
+        ax_acc.legend()
     ax_acc.set(xlabel="step", ylabel="top-1 agreement", title="draft top-1 accuracy", ylim=(0, 1))
     fig.tight_layout()
     out = Path(out_png)
