@@ -212,6 +212,9 @@ def test_unrolled_training_logs_every_step_and_teaches_the_later_ones(target, da
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="unroll_steps must be an int >= 1"):
             _train(target, data[1], tmp_path / "bad", unroll_steps=bad, **kw)
+    # one run, one objective: resuming with another depth is refused
+    with pytest.raises(ValueError, match=r"checkpoint-\d+ was trained with unroll_steps 3, this run has 2"):
+        _train(target, data[1], tmp_path / "still", unroll_steps=2, resume=True, **{**kw, "epochs": 2})
 
 
 def test_a_resumed_fine_tune_must_have_started_from_the_same_weights(target, data, trained, tmp_path):

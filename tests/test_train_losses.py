@@ -8,7 +8,7 @@ import torch
 
 from msd_engine.draft.config import DraftConfig
 from msd_engine.train.curriculum import Curriculum
-from msd_engine.train.losses import draft_loss, input_noise
+from msd_engine.train.losses import UNROLL_DECAY, draft_loss, input_noise, unrolled_loss
 from msd_engine.train.module import DraftModule
 
 
@@ -129,3 +129,22 @@ def test_curriculum_select_statistics():
         sigma = math.sqrt(draws * p * (1 - p))
         assert abs(kept - draws * p) <= 5 * sigma
     assert c.select(40, flags, g) == list(range(300))
+
+
+def test_unrolled_loss_weighs_the_steps_and_drops_the_unreachable_first_positions():
+    g = torch.Generator().manual_seed(1)
+    preds = [torch.randn(2, 7, 4, generator=g) for _ in range(3)]
+    target, lm_head = torch.randn(2, 7, 4, generator=g), torch.randn(9, 4, generator=g)
+    mask = torch.ones(2, 7)
+    loss, stats = unrolled_loss(preds, target, mask, lm_head)
+    kept = mask.clone()
+    kept[:, 1:3] = 0  # predictions 0 and 1: step 3 at positions < 2 has no drafter state behind it
+    steps = [draft_loss(p, target, kept, lm_head) for p in preds]
+    weights = [1.0, UNROLL_DECAY, UNROLL_DECAY ** 2]
+    want = sum(w * float(l) for w, (l, _) in zip(weights, steps)) / sum(weights)
+    assert float(loss) == pytest.approx(want, rel=1e-6) and stats["loss"] == pytest.approx(want, rel=1e-6)
+    assert stats["acc"] == pytest.approx(steps[0][1]["acc"]) and stats["positions"] == 2 * 4
+    assert stats["acc_2"] == pytest.approx(steps[1][1]["acc"]) and stats["acc_3"] == pytest.approx(steps[2][1]["acc"])
+    assert stats["feature_loss"] == pytest.approx(steps[0][1]["feature_loss"])
+    with pytest.raises(ValueError, match="at least one step"):
+        unrolled_loss([], target, mask, lm_head)

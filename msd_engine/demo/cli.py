@@ -40,6 +40,8 @@ def add_demo_parsers(sub) -> None:
                    help="epochs of the third stage, a fine-tune over all three prompt sets (0: none)")
     p.add_argument("--unroll-epochs", type=int, default=None,
                    help="epochs of the fourth stage, trained 3 draft steps deep (0: none)")
+    p.add_argument("--unroll-extra-epochs", type=int, default=None,
+                   help="epochs the fourth stage's schedule is then stretched by (0: none)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length of the target's answers")
 
 
@@ -62,6 +64,8 @@ def run_recipe_command(args: argparse.Namespace) -> int:
         recipe = replace(recipe, finetune_epochs=args.finetune_epochs)
     if args.unroll_epochs is not None:
         recipe = replace(recipe, unroll_epochs=args.unroll_epochs)
+    if args.unroll_extra_epochs is not None:
+        recipe = replace(recipe, unroll_extra_epochs=args.unroll_extra_epochs)
     if args.max_new_tokens is not None:
         recipe = replace(recipe, max_new_tokens=args.max_new_tokens)
     run_recipe(args.work, recipe, args.modes, None if args.no_ship else SHIPPED_DRAFTS)

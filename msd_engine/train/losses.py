@@ -84,10 +84,12 @@ def unrolled_loss(preds: Sequence[torch.Tensor], target_features: torch.Tensor, 
     """The loss of an unrolled draft (`DraftModule.forward_unrolled`): every step's prediction at
     position i is compared, as in `draft_loss`, with feature i+1 (a draft k steps deep still predicts
     the next feature of its own position), weighted UNROLL_DECAY**(k-1), normalised by the weights'
-    sum so that the scale matches one step's. stats: step 1's (loss is the combined one), and acc_k,
-    the top-1 agreement at step k >= 2."""
+    sum so that the scale matches one step's. All steps use `unrolled_mask(loss_mask, K)`.
+    stats: loss (the combined one), feature_loss, ce_loss and acc of step 1, acc_k (top-1 agreement)
+    of each step k >= 2."""
     if not preds:
         raise ValueError("unrolled_loss needs at least one step's predictions")
+    loss_mask = unrolled_mask(loss_mask, len(preds))
     weights = [UNROLL_DECAY ** k for k in range(len(preds))]
     total = None
     stats: dict[str, float] = {}
@@ -101,3 +103,13 @@ def unrolled_loss(preds: Sequence[torch.Tensor], target_features: torch.Tensor, 
     total = total / sum(weights)
     stats["loss"] = float(total.detach())
     return total, stats
+
+
+def unrolled_mask(loss_mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """loss_mask [B, N] with predictions 0..steps-2 left out (mask[1 .. steps-1] zeroed): at step
+    k > 1 prediction i < k-1 has no drafter state behind it (its context would be empty). Every step
+    drops the same positions, so all share one denominator. In chat records those positions are
+    the prompt's and carry no weight anyway."""
+    out = loss_mask.clone()
+    out[:, 1:steps] = 0
+    return out

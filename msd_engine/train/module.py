@@ -206,12 +206,13 @@ class DraftModule(nn.Module):
         to step 1's keys up to position i-k+1 (the context: target features) and to one key of each
         step m = 2..k, at position i-(k-m): exactly the keys a draft at depth k-1 sees when the
         context ends at position i-k+1. Its prediction is compared, like step 1's, with feature i+1.
-        Position 0 of a later step has no earlier prediction and keeps its input feature."""
+        Position 0 of a later step has no earlier prediction and keeps its input feature; positions
+        i < k-1 of step k match no drafter state (`losses.unrolled_mask` leaves them out)."""
         if token_ids.dim() != 2 or features.shape[:2] != token_ids.shape:
             raise ValueError(f"token_ids [B, N] and features [B, N, H] expected, got {list(token_ids.shape)} "
                              f"and {list(features.shape)}")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         b, n = token_ids.shape
         device = token_ids.device
         real = (torch.ones(b, n, dtype=torch.bool, device=device) if attention_mask is None

@@ -38,7 +38,7 @@ from msd_engine.draft.weights import DRAFT_VOCAB_KEY
 from msd_engine.train import distributed
 from msd_engine.train.curriculum import Curriculum
 from msd_engine.train.distributed import DistEnv
-from msd_engine.train.losses import NOISE_REF_LEN, NOISE_SCALE, draft_loss, unrolled_loss
+from msd_engine.train.losses import NOISE_REF_LEN, NOISE_SCALE, draft_loss, unrolled_loss, unrolled_mask
 from msd_engine.train.module import DraftModule
 from msd_engine.train.records import DraftRecord
 from msd_engine.weights import hash_file
@@ -110,7 +110,7 @@ def collate(records: Sequence[DraftRecord]) -> dict[str, Optional[torch.Tensor]]
 
 
 def save_checkpoint(out_dir: Path, module: DraftModule, optimizer, scheduler, step: int, epoch: int,
-                    seed: int) -> Path:
+                    seed: int, unroll_steps: int = 1) -> Path:
     """Write checkpoint-STEP/ atomically (a temporary directory renamed into place)."""
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".checkpoint-{step}.tmp"
@@ -122,7 +122,8 @@ def save_checkpoint(out_dir: Path, module: DraftModule, optimizer, scheduler, st
                for k, v in module.state_dict().items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "epoch": epoch, "seed": seed, "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
+                "epoch": epoch, "seed": seed, "unroll_steps": unroll_steps, "torch_rng": torch.get_rng_state()},
+               tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -219,7 +220,7 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total, decay))
     metrics_path = out_dir / METRICS_FILE
     start = None if init_from is None else _read_init(module, Path(init_from))  # checked before out_dir changes
-    step, checkpoint = _start(out_dir, resume, module, optimizer, scheduler, draft_vocab, env)
+    step, checkpoint = _start(out_dir, resume, module, optimizer, scheduler, draft_vocab, unroll_steps, env)
     if start is not None:
         _apply_init(out_dir, step, module, Path(init_from), *start, env)
     model = module
@@ -245,14 +246,14 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             if save_every and step % save_every == 0 and step < total:
-                checkpoint = _save(env, out_dir, module, optimizer, scheduler, step, epoch, seed)
+                checkpoint = _save(env, out_dir, module, optimizer, scheduler, step, epoch, seed, unroll_steps)
     if checkpoint is None or checkpoint.name != f"checkpoint-{step}":
-        checkpoint = _save(env, out_dir, module, optimizer, scheduler, step, plan[-1][0], seed)
+        checkpoint = _save(env, out_dir, module, optimizer, scheduler, step, plan[-1][0], seed, unroll_steps)
     return TrainResult(step, checkpoint, history)
 
 
 def _start(out_dir: Path, resume: bool, module: DraftModule, optimizer, scheduler,
-           draft_vocab: Optional[torch.Tensor], env: DistEnv) -> tuple[int, Optional[Path]]:
+           draft_vocab: Optional[torch.Tensor], unroll_steps: int, env: DistEnv) -> tuple[int, Optional[Path]]:
     """(first step, the checkpoint restored or None): resume from the latest checkpoint, or start
     afresh; the metrics of steps about to be (re-)run are dropped."""
     metrics_path = out_dir / METRICS_FILE
@@ -262,7 +263,12 @@ def _start(out_dir: Path, resume: bool, module: DraftModule, optimizer, schedule
         if metrics_path.exists() and env.is_main():
             metrics_path.unlink()
         return 0, None
-    step = restore(checkpoint, module, optimizer, scheduler)["step"]
+    state = restore(checkpoint, module, optimizer, scheduler)
+    step = state["step"]
+    # one run, one objective (checkpoints written before unroll_steps existed do not record it)
+    if state.get("unroll_steps", unroll_steps) != unroll_steps:
+        raise ValueError(f"{checkpoint} was trained with unroll_steps {state['unroll_steps']}, this run has "
+                         f"{unroll_steps}; resume with the same value or give a new out_dir")
     # The saved optimizer holds the lr its own plan gave the next step; a run resumed with more
     # epochs (a stretched schedule) must take its lr from this run's schedule instead.
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
@@ -352,10 +358,11 @@ class _Step:
     unroll_steps: int = 1                   # draft steps per sample (training-time test); 1: plain
 
 
-def _save(env: DistEnv, out_dir: Path, module, optimizer, scheduler, step: int, epoch: int, seed: int) -> Path:
+def _save(env: DistEnv, out_dir: Path, module, optimizer, scheduler, step: int, epoch: int, seed: int,
+          unroll_steps: int) -> Path:
     """Rank 0 writes (every rank holds the same state); the barrier keeps the others from running
     ahead of, or reading, a half-written checkpoint."""
-    path = (save_checkpoint(out_dir, module, optimizer, scheduler, step, epoch, seed) if env.is_main()
+    path = (save_checkpoint(out_dir, module, optimizer, scheduler, step, epoch, seed, unroll_steps) if env.is_main()
             else out_dir / f"checkpoint-{step}")
     distributed.barrier()
     return path
@@ -424,6 +431,9 @@ def _train_step(ctx: _Step, batch: dict) -> dict:
                              batch["attention_mask"])
             loss, stats = draft_loss(pred, batch["features"], batch["loss_mask"], ctx.lm_head, ctx.draft_vocab)
         else:
+            # the first positions, which no drafter state reaches at the later steps, leave every step
+            # (and the weight `_global_loss` divides by)
+            batch = {**batch, "loss_mask": unrolled_mask(batch["loss_mask"], ctx.unroll_steps)}
             preds = ctx.model(batch["token_ids"], batch["noisy"], batch["image_rows"], batch["is_image"],
                               batch["attention_mask"], steps=ctx.unroll_steps)
             loss, stats = unrolled_loss(preds, batch["features"], batch["loss_mask"], ctx.lm_head, ctx.draft_vocab)
