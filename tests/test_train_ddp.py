@@ -116,39 +116,35 @@ def test_single_process_env_and_helpers():
 # Tolerance: the ranks pad their halves to their own lengths (softmax and matmuls over a different
 # number of masked keys round differently) and DDP sums the gradients in another order, so float32
 # rounding (~1e-7 relative per op) differs; after 5 Adam steps it stays far below 1e-5 relative.
-def test_two_ranks_equal_one_process(runs):
-    root, single = runs
-    ref = _rows(root / "single" / "metrics.jsonl")
-    got = _rows(root / "rank0" / "metrics.jsonl")
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1)) == [r["step"] for r in ref]
-    for a, b in zip(got, ref):
+def _assert_same_run(root, got: str, ref: str, history: str, keys: tuple) -> None:
+    """The 2-rank run `got` equals the single-process run `ref`: logged values and final weights."""
+    ref_rows, got_rows = _rows(root / ref / "metrics.jsonl"), _rows(root / got / "metrics.jsonl")
+    assert [r["step"] for r in got_rows] == list(range(1, STEPS + 1)) == [r["step"] for r in ref_rows]
+    for a, b in zip(got_rows, ref_rows):
+        assert a.keys() == b.keys() and set(keys) <= a.keys()
         assert a["epoch"] == b["epoch"] and a["positions"] == b["positions"] and a["lr"] == b["lr"]
-        for key in ("loss", "feature_loss", "ce_loss", "acc", "grad_norm"):
+        for key in keys:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
     # rank 1 logged the same (global) numbers it computed
-    assert json.loads((root / "history1.json").read_text()) == json.loads((root / "history0.json").read_text())
-    a = load_file(str(root / "rank0" / f"checkpoint-{STEPS}" / "model.safetensors"))
-    b = load_file(str(single.checkpoint / "model.safetensors"))
+    assert (json.loads((root / f"{history}1.json").read_text())
+            == json.loads((root / f"{history}0.json").read_text()))
+    a = load_file(str(root / got / f"checkpoint-{STEPS}" / "model.safetensors"))
+    b = load_file(str(root / ref / f"checkpoint-{STEPS}" / "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+def test_two_ranks_equal_one_process(runs):
+    root, single = runs
+    assert single.checkpoint == root / "single" / f"checkpoint-{STEPS}"
+    _assert_same_run(root, "rank0", "single", "history", ("loss", "feature_loss", "ce_loss", "acc", "grad_norm"))
+
+
 def test_two_ranks_equal_one_process_unrolled(runs):
     root, _ = runs
-    ref = _rows(root / "unroll_single" / "metrics.jsonl")
-    got = _rows(root / "unroll0" / "metrics.jsonl")
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1)) == [r["step"] for r in ref]
-    for a, b in zip(got, ref):
-        assert a.keys() == b.keys() and {"acc_2", "acc_3"} <= a.keys()
-        for key in ("loss", "feature_loss", "ce_loss", "acc", "acc_2", "acc_3", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
-    assert (json.loads((root / "unroll_history1.json").read_text())
-            == json.loads((root / "unroll_history0.json").read_text()))
-    a = load_file(str(root / "unroll0" / f"checkpoint-{STEPS}" / "model.safetensors"))
-    b = load_file(str(root / "unroll_single" / f"checkpoint-{STEPS}" / "model.safetensors"))
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    _assert_same_run(root, "unroll0", "unroll_single", "unroll_history",
+                     ("loss", "feature_loss", "ce_loss", "acc", "acc_2", "acc_3", "grad_norm"))
 
 
 def test_only_rank0_writes(runs):
