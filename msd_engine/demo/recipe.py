@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -128,40 +129,35 @@ def train_drafts(target_dir: Path, shards: Sequence[Path], work: Path, recipe: R
     # climbs back to where the longer schedule stands (0.4 of the peak for 8 -> 14) and decays to 0
     # again. Why: on the shipped drafts, training accuracy was still rising when 8 epochs ended
     # (bench/results/demo_train_*.png: top-1 0.66 over the last 400 steps of 8 epochs, 0.70 of 14).
-    stages = [recipe.epochs] + ([recipe.epochs + recipe.extra_epochs] if recipe.extra_epochs else [])
     out = {}
     for mode in modes:
         config = draft_config_for(engine.config, mode, draft_vocab_size=0 if vocab is None else len(vocab))
+
+        def run(name: str, data, epochs: int, extra: int, lr: float, curriculum, **kw):
+            """One run directory, resumed; then (extra > 0) resumed with its schedule stretched by `extra`."""
+            for total in [epochs] + ([epochs + extra] if extra else []):
+                result = train_draft(data, text.lm_head, text.embed_tokens, config, work / "runs" / name,
+                                     epochs=total, lr=lr, warmup_steps=recipe.warmup, batch_size=recipe.batch_size,
+                                     curriculum=curriculum(total), seed=recipe.seed, resume=True,
+                                     progress=progress, draft_vocab=vocab, **kw)
+            return result
+
         started = time.perf_counter()
-        for epochs in stages:
-            result = train_draft(records, text.lm_head, text.embed_tokens, config, work / "runs" / mode,
-                                 epochs=epochs, lr=recipe.lr, warmup_steps=recipe.warmup,
-                                 batch_size=recipe.batch_size,
-                                 curriculum=Curriculum(recipe.text_epochs, recipe.ramp_epochs, epochs),
-                                 seed=recipe.seed, resume=True, progress=progress, draft_vocab=vocab)
+        result = run(mode, records, recipe.epochs, recipe.extra_epochs, recipe.lr,
+                     lambda total: Curriculum(recipe.text_epochs, recipe.ramp_epochs, total))
+        everything = partial(Curriculum, 0, 0)  # no text-only epochs, no ramp: images in from the start
         if more:
-            # Stage 3: a new run from stage 2's weights over every set, images in from the start.
-            result = train_draft(records + more, text.lm_head, text.embed_tokens, config,
-                                 work / "runs" / f"{mode}-finetune", epochs=recipe.finetune_epochs,
-                                 lr=recipe.finetune_lr, warmup_steps=recipe.warmup, batch_size=recipe.batch_size,
-                                 curriculum=Curriculum(0, 0, recipe.finetune_epochs), seed=recipe.seed,
-                                 resume=True, progress=progress, draft_vocab=vocab, init_from=result.checkpoint)
+            # Stage 3: a new run from stage 2's weights over every set.
+            result = run(f"{mode}-finetune", records + more, recipe.finetune_epochs, 0, recipe.finetune_lr,
+                         everything, init_from=result.checkpoint)
         if recipe.unroll_epochs:
             # Stage 4: trained as drafting runs it, each step fed the last step's predicted features.
             # Why: the drafts' top-1 on training text fell from 0.67 at step 1 to 0.53 at step 2 and
             # 0.49 at step 3 when fed their own predictions (noise training alone left that gap).
             # Like stage 2, the run is then resumed with its schedule stretched (held-out text tau
             # rose 2.85 -> 2.92 over the first epoch, and the later steps' accuracy was still rising).
-            init = result.checkpoint
-            unroll = [recipe.unroll_epochs] + ([recipe.unroll_epochs + recipe.unroll_extra_epochs]
-                                               if recipe.unroll_extra_epochs else [])
-            for epochs in unroll:
-                result = train_draft(records + more, text.lm_head, text.embed_tokens, config,
-                                     work / "runs" / f"{mode}-unroll", epochs=epochs, lr=recipe.unroll_lr,
-                                     warmup_steps=recipe.warmup, batch_size=recipe.batch_size,
-                                     curriculum=Curriculum(0, 0, epochs), seed=recipe.seed, resume=True,
-                                     progress=progress, draft_vocab=vocab, init_from=init,
-                                     unroll_steps=recipe.unroll_steps)
+            result = run(f"{mode}-unroll", records + more, recipe.unroll_epochs, recipe.unroll_extra_epochs,
+                         recipe.unroll_lr, everything, init_from=result.checkpoint, unroll_steps=recipe.unroll_steps)
         last = result.metrics[-1] if result.metrics else {}
         print(f"{mode}: {result.step} steps in {time.perf_counter() - started:.0f} s, final loss "
               f"{last.get('loss', float('nan')):.4f}, top-1 {last.get('acc', float('nan')):.3f}")

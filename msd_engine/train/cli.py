@@ -72,7 +72,7 @@ def add_train_parsers(sub) -> None:
                         "fine-tune a trained draft on more data; it keeps the checkpoint's draft vocabulary")
     p.add_argument("--unroll-steps", type=int, default=1,
                    help="train the draft N steps deep, each step fed the previous step's predicted features as "
-                        "drafting feeds them (training-time test; 3 steps cost ~3.6 plain steps on a CPU; 1: plain)")
+                        "drafting feeds them (training-time test; 3 steps took 3.8x a plain step on a 2-core CPU; 1: plain)")
 
     p = sub.add_parser("eval-draft", help="acceptance length (tau) of a converted draft on prompts")
     _add_model_args(p)

@@ -23,15 +23,15 @@ def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
         raise ValueError(f"{path}: no metrics to plot")
     steps = [r["step"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    step1 = " (step 1)" if any(k.startswith("acc_") for r in rows for k in r) else ""
+    # an unrolled run's later draft steps (train --unroll-steps); a row without one plots a gap
+    unrolled = sorted({k for r in rows for k in r if k.startswith("acc_")}, key=lambda k: int(k.split("_")[1]))
+    step1 = " (step 1)" if unrolled else ""
     for key, label in (("loss", "loss"), ("feature_loss", "feature_loss" + step1), ("ce_loss", "ce_loss" + step1)):
         if key in rows[0]:
             ax_loss.plot(steps, [r.get(key, float("nan")) for r in rows], label=label, linewidth=1)
     ax_loss.set(xlabel="step", ylabel="loss", title="draft loss", yscale="log")
     ax_loss.legend()
     ax_acc.plot(steps, [r["acc"] for r in rows], color="tab:green", linewidth=1, label="step 1")
-    # an unrolled run's later draft steps (train --unroll-steps); a row without one plots a gap
-    unrolled = sorted({k for r in rows for k in r if k.startswith("acc_")}, key=lambda k: int(k.split("_")[1]))
     for key in unrolled:
         ax_acc.plot(steps, [r.get(key, float("nan")) for r in rows], linewidth=1, label=f"step {key.split('_')[1]}")
     if unrolled:

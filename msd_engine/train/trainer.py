@@ -38,12 +38,12 @@ from msd_engine.draft.weights import DRAFT_VOCAB_KEY
 from msd_engine.train import distributed
 from msd_engine.train.curriculum import Curriculum
 from msd_engine.train.distributed import DistEnv
-from msd_engine.train.losses import NOISE_REF_LEN, NOISE_SCALE, draft_loss, unrolled_loss, unrolled_mask
+from msd_engine.train.losses import NOISE_REF_LEN, NOISE_SCALE, unrolled_loss, unrolled_mask
 from msd_engine.train.module import DraftModule
 from msd_engine.train.records import DraftRecord
-from msd_engine.weights import hash_file
 from msd_engine.train.source import RecordSource, as_source
 from msd_engine.train.vocab import check_draft_vocab
+from msd_engine.weights import hash_file
 
 STATE_FILE = "training_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -426,17 +426,12 @@ def _train_step(ctx: _Step, batch: dict) -> dict:
     lr = ctx.optimizer.param_groups[0]["lr"]
     # master weights stay float32; autocast only lowers the precision of the forward's matmuls
     with torch.autocast(ctx.env.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
-        if ctx.unroll_steps == 1:
-            pred = ctx.model(batch["token_ids"], batch["noisy"], batch["image_rows"], batch["is_image"],
-                             batch["attention_mask"])
-            loss, stats = draft_loss(pred, batch["features"], batch["loss_mask"], ctx.lm_head, ctx.draft_vocab)
-        else:
-            # the first positions, which no drafter state reaches at the later steps, leave every step
-            # (and the weight `_global_loss` divides by)
-            batch = {**batch, "loss_mask": unrolled_mask(batch["loss_mask"], ctx.unroll_steps)}
-            preds = ctx.model(batch["token_ids"], batch["noisy"], batch["image_rows"], batch["is_image"],
-                              batch["attention_mask"], steps=ctx.unroll_steps)
-            loss, stats = unrolled_loss(preds, batch["features"], batch["loss_mask"], ctx.lm_head, ctx.draft_vocab)
+        # one draft step is the plain objective; with more, the first positions (no drafter state
+        # reaches them at the later steps) leave every step, and the weight `_global_loss` divides by
+        batch = {**batch, "loss_mask": unrolled_mask(batch["loss_mask"], ctx.unroll_steps)}
+        preds = ctx.model(batch["token_ids"], batch["noisy"], batch["image_rows"], batch["is_image"],
+                          batch["attention_mask"], steps=ctx.unroll_steps)
+        loss, stats = unrolled_loss(preds, batch["features"], batch["loss_mask"], ctx.lm_head, ctx.draft_vocab)
     if ctx.env.distributed:
         loss, stats = _global_loss(loss, stats, batch, ctx.env)
     ctx.optimizer.zero_grad(set_to_none=True)
