@@ -236,3 +236,17 @@ def test_transformers_llava_on_the_demo_weights_matches_the_engine(demo_target):
         hf_tokens, _ = hf_generate(model, config, ids, pixels, 12, 0.0, 0)
         ours = engine.generate("Describe a cup of coffee.", image=image_arg, max_new_tokens=12).token_ids
         assert hf_tokens == ours
+
+
+def test_demo_recipe_flags_override_the_recipe(monkeypatch, tmp_path):
+    from msd_engine.cli import main
+    from msd_engine.demo import recipe as recipe_module
+
+    seen = {}
+    monkeypatch.setattr(recipe_module, "run_recipe",
+                        lambda work, recipe, modes, ship_to: seen.update(work=work, recipe=recipe, modes=modes,
+                                                                         ship_to=ship_to))
+    assert main(["demo-recipe", "--work", str(tmp_path), "--modes", "msd", "--no-ship", "--self-prompts", "0",
+                 "--unroll-epochs", "2", "--max-new-tokens", "64"]) == 0
+    expected = recipe_module.Recipe(self_prompts=0, unroll_epochs=2, max_new_tokens=64)
+    assert seen == {"work": tmp_path, "recipe": expected, "modes": ["msd"], "ship_to": None}

@@ -9,8 +9,8 @@ from msd_engine.demo.recipe import Recipe, train_drafts
 from tests.test_train_data import make_dataset
 
 RECIPE = Recipe(epochs=1, text_epochs=0, ramp_epochs=0, extra_epochs=1, finetune_epochs=1, finetune_lr=1e-3,
-                unroll_epochs=1, unroll_extra_epochs=1, unroll_steps=2, unroll_lr=1e-3, lr=1e-3, warmup=1,
-                batch_size=1, draft_vocab=16)
+                unroll_epochs=1, unroll_extra_epochs=1, unroll_steps=2, unroll_lr=1e-3, self_prompts=1, self_epochs=1,
+                self_lr=1e-3, lr=1e-3, warmup=1, batch_size=1, draft_vocab=16)
 
 
 def _steps(run):
@@ -19,27 +19,32 @@ def _steps(run):
 
 def test_the_stages_chain_and_resume(tiny_llava_dir, tmp_path, capsys):
     data = make_dataset(tmp_path)
-    shards = [tmp_path / "first", tmp_path / "added"]
+    shards = [tmp_path / "first", tmp_path / "added", tmp_path / "later"]
     for out in shards:
         assert main(["train-data", "--model", str(tiny_llava_dir), "--data", str(data), "--images",
                      str(tmp_path / "img"), "--out", str(out), "--max-len", "200"]) == 0
     records = int(capsys.readouterr().out.split(" records")[0].split()[-1])
     work = tmp_path / "work"
-    out = train_drafts(tiny_llava_dir, shards[:1], work, RECIPE, ["msd"], None, progress=False, added=shards[1:])
+    out = train_drafts(tiny_llava_dir, shards[:1], work, RECIPE, ["msd"], None, progress=False, added=shards[1:2],
+                       later=shards[2:])
     runs = work / "runs"
     # stage 1 (1 epoch) resumed as stage 2 (stretched to 2); stage 3: 1 epoch over both sets;
-    # stage 4: 1 unrolled epoch over both, resumed stretched to 2
+    # stage 4: 1 unrolled epoch over both, resumed stretched to 2; stage 5: 1 unrolled epoch over the later set
     assert _steps(runs / "msd") == list(range(1, 2 * records + 1))
     assert _steps(runs / "msd-finetune") == list(range(1, 2 * records + 1))
     assert _steps(runs / "msd-unroll") == list(range(1, 4 * records + 1))
+    assert _steps(runs / "msd-self") == list(range(1, records + 1))
     init = {name: json.loads((runs / name / "init_from.json").read_text())["checkpoint"]
-            for name in ("msd-finetune", "msd-unroll")}
+            for name in ("msd-finetune", "msd-unroll", "msd-self")}
     assert init == {"msd-finetune": str(runs / "msd" / f"checkpoint-{2 * records}"),
-                    "msd-unroll": str(runs / "msd-finetune" / f"checkpoint-{2 * records}")}
-    rows = [json.loads(line) for line in (runs / "msd-unroll" / "metrics.jsonl").read_text().splitlines()]
-    assert all("acc_2" in r and "acc_3" not in r for r in rows)
+                    "msd-unroll": str(runs / "msd-finetune" / f"checkpoint-{2 * records}"),
+                    "msd-self": str(runs / "msd-unroll" / f"checkpoint-{4 * records}")}
+    for name in ("msd-unroll", "msd-self"):
+        rows = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        assert all("acc_2" in r and "acc_3" not in r for r in rows)
     config = json.loads((out["msd"] / "config.json").read_text())
     assert config["mode"] == "msd" and config["draft_vocab_size"] == 16
-    before = {name: _steps(runs / name) for name in ("msd", "msd-finetune", "msd-unroll")}
-    train_drafts(tiny_llava_dir, shards[:1], work, RECIPE, ["msd"], None, progress=False, added=shards[1:])
+    before = {name: _steps(runs / name) for name in ("msd", "msd-finetune", "msd-unroll", "msd-self")}
+    train_drafts(tiny_llava_dir, shards[:1], work, RECIPE, ["msd"], None, progress=False, added=shards[1:2],
+                 later=shards[2:])
     assert {name: _steps(runs / name) for name in before} == before

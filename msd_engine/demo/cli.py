@@ -42,7 +42,14 @@ def add_demo_parsers(sub) -> None:
                    help="epochs of the fourth stage, trained 3 draft steps deep (0: none)")
     p.add_argument("--unroll-extra-epochs", type=int, default=None,
                    help="epochs the fourth stage's schedule is then stretched by (0: none)")
+    p.add_argument("--self-prompts", type=int, default=None,
+                   help="instructions the target writes itself for the fifth stage (0: no fifth stage)")
+    p.add_argument("--self-epochs", type=int, default=None, help="epochs of the fifth stage")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length of the target's answers")
+
+
+RECIPE_OVERRIDES = ("epochs", "extra_epochs", "finetune_epochs", "unroll_epochs", "unroll_extra_epochs",
+                    "self_prompts", "self_epochs", "max_new_tokens")
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -55,19 +62,7 @@ def run_recipe_command(args: argparse.Namespace) -> int:
     from msd_engine.demo.assets import SHIPPED_DRAFTS
     from msd_engine.demo.recipe import Recipe, run_recipe
 
-    recipe = Recipe()
-    if args.epochs is not None:
-        recipe = replace(recipe, epochs=args.epochs)
-    if args.extra_epochs is not None:
-        recipe = replace(recipe, extra_epochs=args.extra_epochs)
-    if args.finetune_epochs is not None:
-        recipe = replace(recipe, finetune_epochs=args.finetune_epochs)
-    if args.unroll_epochs is not None:
-        recipe = replace(recipe, unroll_epochs=args.unroll_epochs)
-    if args.unroll_extra_epochs is not None:
-        recipe = replace(recipe, unroll_extra_epochs=args.unroll_extra_epochs)
-    if args.max_new_tokens is not None:
-        recipe = replace(recipe, max_new_tokens=args.max_new_tokens)
+    recipe = replace(Recipe(), **{k: getattr(args, k) for k in RECIPE_OVERRIDES if getattr(args, k) is not None})
     run_recipe(args.work, recipe, args.modes, None if args.no_ship else SHIPPED_DRAFTS)
     return 0
 

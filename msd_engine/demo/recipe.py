@@ -12,7 +12,9 @@
    hand-written set and the first mix, then fine-tune both on all three sets (the second mix,
    `prompt_mix_wide.py`, came after: held-out tau showed the drafts generalising short of their
    training prompts);
-5. convert both, pack them into `msd_engine/demo/drafts/` and report tau on the held-out prompts.
+5. stage 5: the target writes instructions itself (`prompt_self.py`), answers them and a replay
+   sample of the earlier ones, and both drafts are trained on those from their last weights;
+6. convert both, pack them into `msd_engine/demo/drafts/` and report tau on the held-out prompts.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from msd_engine.demo.assets import (DRAFT_DTYPE, HELDOUT_PROMPTS, PHOTOS, SHIPPE
                                     export_photo, load_prompts, pack_draft)
 from msd_engine.demo.prompt_mix import composed_prompts
 from msd_engine.demo.prompt_mix_wide import wide_prompts
+from msd_engine.demo.prompt_self import hf_sampler, replay_sample, self_written_prompts
 from msd_engine.demo.target import ensure_target
 
 
@@ -50,6 +53,10 @@ class Recipe:
     unroll_extra_epochs: int = 1  # that run resumed with its schedule stretched by so many epochs (0: none)
     unroll_steps: int = 3
     unroll_lr: float = 1e-4
+    self_prompts: int = 3000    # stage 5: instructions the target writes itself (`prompt_self.py`; 0: no stage 5)
+    replay_prompts: int = 1000  # ... recorded beside a sample of so many earlier prompts
+    self_epochs: int = 1        # ... from stage 4's weights, trained as stage 4 (unrolled) over both
+    self_lr: float = 1e-4
     lr: float = 3e-4
     warmup: int = 60
     batch_size: int = 8
@@ -83,6 +90,30 @@ def training_prompt_sets(recipe: "Recipe") -> dict[str, list[dict]]:
     return {"written": written, "composed": composed, "wide": wide}
 
 
+def later_prompt_sets(target_dir: Path, work: Path, recipe: "Recipe", earlier: dict[str, list[dict]],
+                      progress: bool) -> dict[str, list[dict]]:
+    """Stage 5's instructions: `recipe.self_prompts` the target writes (`prompt_self.py`; kept in
+    work/self-prompts.json, so a resumed recipe does not sample them again) and a seeded replay sample of
+    `recipe.replay_prompts` from the earlier sets."""
+    path = work / "self-prompts.json"
+    if path.is_file():
+        written = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        from msd_engine.engine import Engine
+        from msd_engine.train.batched import load_hf_target
+
+        engine = Engine.load(target_dir, dtype="float32", max_seq_len=16)
+        sample = hf_sampler(load_hf_target(target_dir, torch.float32), engine.tokenizer, engine.config.eos_token_ids)
+        examples = [p["prompt"] for p in earlier["written"] if not p.get("image")]
+        exclude = [p["prompt"] for s in earlier.values() for p in s] + [p["prompt"] for p in load_prompts(HELDOUT_PROMPTS)]
+        written = self_written_prompts(sample, recipe.self_prompts, examples, exclude, seed=recipe.seed,
+                                       batch_size=recipe.record_batch, progress=progress)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(written, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    return {"self": written, "replay": replay_sample(list(earlier.values()), recipe.replay_prompts, recipe.seed)}
+
+
 def record_answers(target_dir: Path, work: Path, name: str, prompts: Sequence[dict], recipe: Recipe,
                    progress: bool) -> Path:
     """The target's greedy answers to `prompts` and its features over them, as shards in work/shards-<name>."""
@@ -106,8 +137,10 @@ def record_answers(target_dir: Path, work: Path, name: str, prompts: Sequence[di
 
 
 def train_drafts(target_dir: Path, shards: Sequence[Path], work: Path, recipe: Recipe, modes: Sequence[str],
-                 ship_to: Optional[Path], progress: bool, added: Sequence[Path] = ()) -> dict[str, Path]:
-    """Train on `shards` (the draft vocabulary is theirs), then fine-tune on `shards` + `added`."""
+                 ship_to: Optional[Path], progress: bool, added: Sequence[Path] = (),
+                 later: Sequence[Path] = ()) -> dict[str, Path]:
+    """Train on `shards` (the draft vocabulary is theirs), then fine-tune on `shards` + `added`,
+    then (stage 5) on `later` alone."""
     from msd_engine.convert.msd_draft import convert_msd_draft
     from msd_engine.draft.init import draft_config_for
     from msd_engine.engine import Engine
@@ -124,6 +157,7 @@ def train_drafts(target_dir: Path, shards: Sequence[Path], work: Path, recipe: R
         vocab = frequent_tokens(records, recipe.draft_vocab, always=engine.config.eos_token_ids,
                                 vocab_size=engine.config.text.vocab_size)
     more = [r for d in added for r in read_shards(d, hidden_size=hidden)] if recipe.finetune_epochs else []
+    newest = [r for d in later for r in read_shards(d, hidden_size=hidden)] if recipe.self_prompts else []
     text = engine.model.text
     # Stage 2 resumes stage 1's checkpoint with the cosine schedule re-planned over more epochs: the lr
     # climbs back to where the longer schedule stands (0.4 of the peak for 8 -> 14) and decays to 0
@@ -158,6 +192,12 @@ def train_drafts(target_dir: Path, shards: Sequence[Path], work: Path, recipe: R
             # rose 2.85 -> 2.92 over the first epoch, and the later steps' accuracy was still rising).
             result = run(f"{mode}-unroll", records + more, recipe.unroll_epochs, recipe.unroll_extra_epochs,
                          recipe.unroll_lr, everything, init_from=result.checkpoint, unroll_steps=recipe.unroll_steps)
+        if newest:
+            # Stage 5: the target-written set and a replay sample of the earlier sets (which keeps
+            # what they taught), trained as stage 4. Why: each new set of varied prompts had raised
+            # held-out tau more than more epochs over the same ones.
+            result = run(f"{mode}-self", newest, recipe.self_epochs, 0, recipe.self_lr, everything,
+                         init_from=result.checkpoint, unroll_steps=recipe.unroll_steps)
         last = result.metrics[-1] if result.metrics else {}
         print(f"{mode}: {result.step} steps in {time.perf_counter() - started:.0f} s, final loss "
               f"{last.get('loss', float('nan')):.4f}, top-1 {last.get('acc', float('nan')):.3f}")
@@ -189,11 +229,14 @@ def run_recipe(work: Optional[Path] = None, recipe: Recipe = Recipe(), modes: Se
     (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
     target = ensure_target(demo_home() / "target", progress)
     torch.manual_seed(recipe.seed)
-    # the second mix only feeds stage 3: not recorded (~23 min here) without it
+    # the second mix only feeds stage 3, the later sets only stage 5: not recorded without them
+    earlier = training_prompt_sets(recipe)
+    later = later_prompt_sets(target, work, recipe, earlier, progress) if recipe.self_prompts else {}
     shards = {name: record_answers(target, work, name, prompts, recipe, progress)
-              for name, prompts in training_prompt_sets(recipe).items() if name != "wide" or recipe.finetune_epochs}
+              for name, prompts in {**earlier, **later}.items() if name != "wide" or recipe.finetune_epochs}
     drafts = train_drafts(target, [shards["written"], shards["composed"]], work, recipe, modes, ship_to, progress,
-                          added=[shards["wide"]] if "wide" in shards else [])
+                          added=[shards["wide"]] if "wide" in shards else [],
+                          later=[shards[name] for name in later])
     report = {mode: heldout_tau(target, path, work / "images", recipe.eval_max_new_tokens)
               for mode, path in drafts.items()}
     (work / "heldout_tau.json").write_text(json.dumps(report, indent=2) + "\n")
