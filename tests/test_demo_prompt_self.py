@@ -119,8 +119,12 @@ def test_hf_sampler_on_the_tiny_llava_is_seeded(tiny_llava_dir):
                         engine.config.eos_token_ids, max_new_tokens=6)
     texts = [list_prompt(EXAMPLES[:3], "birds"), "A short one.\n1."]
     first = sample(texts, 5)
-    assert len(first) == 2 and all(isinstance(t, str) for t in first)
+    assert len(first) == 2 and all(isinstance(t, str) and t for t in first)
     assert sample(texts, 5) == first
+    # continuations only (not the lists themselves), and the seed matters: a random model over a
+    # VOCAB-token vocabulary samples the same 12 tokens twice with negligible probability
+    assert not any(t.startswith("A list of") or t.startswith("A short one") for t in first)
+    assert sample(texts, 6) != first
 
 
 def test_a_resumed_recipe_reads_the_written_set_instead_of_sampling_again(tmp_path):
@@ -128,5 +132,9 @@ def test_a_resumed_recipe_reads_the_written_set_instead_of_sampling_again(tmp_pa
     (tmp_path / "self-prompts.json").write_text(json.dumps(written))
     earlier = {"written": [{"prompt": f"w{i}"} for i in range(3)], "composed": [{"prompt": "c"}]}
     # no target at this path: loading it (to sample) would fail
-    got = later_prompt_sets(tmp_path / "no-target", tmp_path, Recipe(replay_prompts=2), earlier, progress=False)
+    got = later_prompt_sets(tmp_path / "no-target", tmp_path, Recipe(self_prompts=1, replay_prompts=2), earlier,
+                            progress=False)
     assert got["self"] == written and len(got["replay"]) == 2
+    with pytest.raises(ValueError, match="holds 1 target-written prompts, the recipe asks for 3"):
+        later_prompt_sets(tmp_path / "no-target", tmp_path, Recipe(self_prompts=3, replay_prompts=2), earlier,
+                          progress=False)

@@ -132,13 +132,13 @@ def hf_sampler(hf_model, tokenizer, eos_token_ids: Sequence[int], max_new_tokens
                temperature: float = 0.8, top_p: float = 0.95) -> Callable[[list[str], int], list[str]]:
     """A `sample` for `self_written_prompts`: transformers' batched sampling on the target (raw text,
     no chat template, no BOS), seeded per call."""
+    from msd_engine.train.batched import left_padded
+
     pad = eos_token_ids[0]
 
     def sample(texts: list[str], seed: int) -> list[str]:
-        ids = [list(tokenizer.encode(t, False)) for t in texts]
-        width = max(len(i) for i in ids)
-        x = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
-        attention = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        x, attention = left_padded([list(tokenizer.encode(t, False)) for t in texts], pad)
+        width = x.shape[1]
         torch.manual_seed(seed)
         with torch.inference_mode():
             out = hf_model.generate(input_ids=x, attention_mask=attention, max_new_tokens=max_new_tokens,

@@ -98,6 +98,9 @@ def later_prompt_sets(target_dir: Path, work: Path, recipe: "Recipe", earlier: d
     path = work / "self-prompts.json"
     if path.is_file():
         written = json.loads(path.read_text(encoding="utf-8"))
+        if len(written) != recipe.self_prompts:
+            raise ValueError(f"{path} holds {len(written)} target-written prompts, the recipe asks for "
+                             f"{recipe.self_prompts}: give a new --work (its answers and runs came from that set)")
     else:
         from msd_engine.engine import Engine
         from msd_engine.train.batched import load_hf_target

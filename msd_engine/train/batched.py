@@ -101,9 +101,8 @@ def _generate_group(engine: "Engine", hf_model, group: list[_Prompt],
 
     cfg = engine.config
     pad = cfg.eos_token_ids[0]
-    width = max(len(p.ids) for p in group)
-    ids = torch.tensor([[pad] * (width - len(p.ids)) + p.ids for p in group])              # [B, L] left-padded
-    attention = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in group])
+    ids, attention = left_padded([p.ids for p in group], pad)                             # [B, L] each
+    width = ids.shape[1]
     images = [p.conversation.image for p in group if p.conversation.image is not None]
     pixels = pixel_values_for(cfg, images) if images else None
     captured: list[torch.Tensor] = []
@@ -129,6 +128,14 @@ def _generate_group(engine: "Engine", hf_model, group: list[_Prompt],
         feats = torch.cat([prefill[b, width - len(p.ids):]] + [s[b] for s in steps[:len(answer) - 1]])
         row_embeds = embeds[b, width - len(p.ids):]
         yield p.position, _record(p, answer, feats, row_embeds, cfg.image_token_id)
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded with `pad` to the longest: (ids [B, L], attention mask [B, L], 0 on padding)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
+    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, attention
 
 
 def _answer(tokens: list[int], eos: set[int], room: int) -> list[int]:
