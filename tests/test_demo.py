@@ -247,6 +247,6 @@ def test_demo_recipe_flags_override_the_recipe(monkeypatch, tmp_path):
                         lambda work, recipe, modes, ship_to: seen.update(work=work, recipe=recipe, modes=modes,
                                                                          ship_to=ship_to))
     assert main(["demo-recipe", "--work", str(tmp_path), "--modes", "msd", "--no-ship", "--self-prompts", "0",
-                 "--unroll-epochs", "2", "--max-new-tokens", "64"]) == 0
-    expected = recipe_module.Recipe(self_prompts=0, unroll_epochs=2, max_new_tokens=64)
+                 "--unroll-epochs", "2", "--max-new-tokens", "64", "--ce-epochs", "0"]) == 0
+    expected = recipe_module.Recipe(self_prompts=0, unroll_epochs=2, max_new_tokens=64, ce_epochs=0)
     assert seen == {"work": tmp_path, "recipe": expected, "modes": ["msd"], "ship_to": None}

@@ -95,6 +95,12 @@ def test_init_from_fine_tunes_with_the_checkpoints_vocabulary(tiny_llava_dir, tm
     assert rows and all("acc_2" in json.loads(r) and "acc_3" not in json.loads(r) for r in rows)
     assert main(train("--out", str(tmp_path / "u0"), "--unroll-steps", "0")) == 2
     assert "unroll_steps must be an int >= 1, got 0" in capsys.readouterr().err
+    assert main(train("--out", str(tmp_path / "ce"), "--init-from", str(first), "--ce-weight", "0.5")) == 0
+    capsys.readouterr()
+    rows = [json.loads(r) for r in (tmp_path / "ce" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["loss"] == pytest.approx(r["feature_loss"] + 0.5 * r["ce_loss"], rel=1e-5) for r in rows)
+    assert main(train("--out", str(tmp_path / "ce-bad"), "--ce-weight", "-1")) == 2
+    assert "ce_weight must be a finite number >= 0, got -1.0" in capsys.readouterr().err
     assert main(train("--out", str(tmp_path / "x"), "--init-from", str(first), "--draft-vocab", "16")) == 2
     assert main(train("--out", str(tmp_path / "y"), "--init-from", str(tmp_path / "nowhere"))) == 2
     assert main(train("--out", str(tmp_path / "z"), data=(data, data))) == 2

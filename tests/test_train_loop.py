@@ -216,6 +216,22 @@ def test_unrolled_training_logs_every_step_and_learns(target, data, trained, tmp
     # one run, one objective: resuming with another depth is refused
     with pytest.raises(ValueError, match=r"checkpoint-\d+ was trained with unroll_steps 3, this run has 2"):
         _train(target, data[1], tmp_path / "still", unroll_steps=2, resume=True, **{**kw, "epochs": 2})
+    # ... or with another cross-entropy weight (the run above used the default, 0.1)
+    with pytest.raises(ValueError, match=r"checkpoint-\d+ was trained with ce_weight 0.1, this run has 0.5"):
+        _train(target, data[1], tmp_path / "still", unroll_steps=3, ce_weight=0.5, resume=True,
+               **{**kw, "epochs": 2})
+    for bad in (-0.1, float("nan"), float("inf"), True, "0.5"):
+        with pytest.raises(ValueError, match="ce_weight must be a finite number >= 0"):
+            _train(target, data[1], tmp_path / "bad", ce_weight=bad, **kw)
+
+
+def test_ce_weight_reaches_the_loss(target, data, trained, tmp_path):
+    """Same weights, same batches: a run with ce_weight w logs loss = feature_loss + w * ce_loss."""
+    kw = dict(epochs=1, batch_size=2, curriculum=None, warmup_steps=1, init_from=trained.checkpoint, lr=1e-12)
+    for weight in (0.1, 0.5):
+        rows = _train(target, data[1], tmp_path / f"ce{weight}", ce_weight=weight, **kw).metrics
+        for r in rows:
+            assert r["loss"] == pytest.approx(r["feature_loss"] + weight * r["ce_loss"], rel=1e-5)
 
 
 def test_a_resumed_fine_tune_must_have_started_from_the_same_weights(target, data, trained, tmp_path):

@@ -30,6 +30,11 @@ def test_hand_computed_example():
     assert stats["feature_loss"] == pytest.approx((f0 + f1) / 2, rel=1e-6)
     assert stats["ce_loss"] == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
     assert float(loss) == pytest.approx((f0 + f1) / 2 + 0.1 * (ce0 + ce1) / 2, rel=1e-6)
+    # the cross-entropy's weight is the caller's (the recipe's sixth stage: 0.5); the statistics are not
+    for weight in (0.0, 0.5):
+        weighted, weighted_stats = draft_loss(pred, target, mask, lm_head, ce_weight=weight)
+        assert float(weighted) == pytest.approx((f0 + f1) / 2 + weight * (ce0 + ce1) / 2, rel=1e-6)
+        assert weighted_stats == {**stats, "loss": pytest.approx(float(weighted))}
     # argmax: pred0 (0,0) -> 0 vs target1 -> 0 agree; pred1 -> 1 vs target2 -> 0 disagree
     assert stats["acc"] == pytest.approx(0.5)
     assert stats["positions"] == 2

@@ -73,6 +73,9 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--unroll-steps", type=int, default=1,
                    help="train the draft N steps deep, each step fed the previous step's predicted features as "
                         "drafting feeds them (training-time test; 3 steps took 3.8x a plain step on a 2-core CPU; 1: plain)")
+    p.add_argument("--ce-weight", type=float, default=None,
+                   help="weight of the soft cross-entropy beside the feature regression (default: the "
+                        "reference's 0.1, msd_engine.train.losses.CE_WEIGHT)")
 
     p = sub.add_parser("eval-draft", help="acceptance length (tau) of a converted draft on prompts")
     _add_model_args(p)
@@ -185,7 +188,8 @@ def _run_train(args: argparse.Namespace, curriculum, env) -> int:
                          lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size, curriculum=curriculum,
                          save_every=args.save_every, seed=args.seed, resume=args.resume, draft_vocab=draft_vocab,
                          autocast=False if args.no_autocast else None, init_from=args.init_from,
-                         unroll_steps=args.unroll_steps)
+                         unroll_steps=args.unroll_steps,
+                         **({} if args.ce_weight is None else {"ce_weight": args.ce_weight}))
     if not env.is_main():
         return 0
     metrics = Path(args.out) / METRICS_FILE

@@ -29,11 +29,12 @@ UNROLL_DECAY = 0.8     # weight of unrolled draft step k relative to step k-1
 
 
 def draft_loss(pred: torch.Tensor, target_features: torch.Tensor, loss_mask: torch.Tensor, lm_head: torch.Tensor,
-               draft_vocab: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+               draft_vocab: Optional[torch.Tensor] = None, ce_weight: float = CE_WEIGHT
+               ) -> tuple[torch.Tensor, dict[str, float]]:
     """pred, target_features [B, N, H], loss_mask [B, N], lm_head [V, H] (frozen) -> (loss, stats).
 
     loss = mean over weighted positions of SmoothL1(pred[i], target[i+1]) (mean over H)
-           + CE_WEIGHT * soft-CE(softmax(lm_head(target[i+1])), log_softmax(lm_head(pred[i]))).
+           + ce_weight * soft-CE(softmax(lm_head(target[i+1])), log_softmax(lm_head(pred[i]))).
     draft_vocab [K] int64 (optional): both logits use only the rows `lm_head[draft_vocab]`.
     stats: loss, feature_loss, ce_loss, acc (top-1 agreement of the two logits), positions."""
     if pred.shape != target_features.shape or loss_mask.shape != pred.shape[:2]:
@@ -60,7 +61,7 @@ def draft_loss(pred: torch.Tensor, target_features: torch.Tensor, loss_mask: tor
     ce = -(target_p * pred_logits.log_softmax(-1)).sum(-1)                        # [M]
     feature_loss = (feature * w).sum() / denom
     ce_loss = (ce * w).sum() / denom
-    loss = feature_loss + CE_WEIGHT * ce_loss
+    loss = feature_loss + ce_weight * ce_loss
     with torch.no_grad():
         agree = (pred_logits.argmax(-1) == target_logits.argmax(-1)).float()
         acc = (agree * w).sum() / denom
@@ -79,8 +80,8 @@ def input_noise(features: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 def unrolled_loss(preds: Sequence[torch.Tensor], target_features: torch.Tensor, loss_mask: torch.Tensor,
-                  lm_head: torch.Tensor, draft_vocab: Optional[torch.Tensor] = None
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+                  lm_head: torch.Tensor, draft_vocab: Optional[torch.Tensor] = None,
+                  ce_weight: float = CE_WEIGHT) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of an unrolled draft (`DraftModule.forward_unrolled`): every step's prediction at
     position i is compared, as in `draft_loss`, with feature i+1 (a draft k steps deep still predicts
     the next feature of its own position), weighted UNROLL_DECAY**(k-1), normalised by the weights'
@@ -94,7 +95,7 @@ def unrolled_loss(preds: Sequence[torch.Tensor], target_features: torch.Tensor, 
     total = None
     stats: dict[str, float] = {}
     for k, (pred, w) in enumerate(zip(preds, weights), start=1):
-        loss, step_stats = draft_loss(pred, target_features, loss_mask, lm_head, draft_vocab)
+        loss, step_stats = draft_loss(pred, target_features, loss_mask, lm_head, draft_vocab, ce_weight)
         total = loss * w if total is None else total + loss * w
         if k == 1:
             stats = dict(step_stats)

@@ -38,7 +38,7 @@ from msd_engine.draft.weights import DRAFT_VOCAB_KEY
 from msd_engine.train import distributed
 from msd_engine.train.curriculum import Curriculum
 from msd_engine.train.distributed import DistEnv
-from msd_engine.train.losses import NOISE_REF_LEN, NOISE_SCALE, unrolled_loss, unrolled_mask
+from msd_engine.train.losses import CE_WEIGHT, NOISE_REF_LEN, NOISE_SCALE, unrolled_loss, unrolled_mask
 from msd_engine.train.module import DraftModule
 from msd_engine.train.records import DraftRecord
 from msd_engine.train.source import RecordSource, as_source
@@ -110,8 +110,9 @@ def collate(records: Sequence[DraftRecord]) -> dict[str, Optional[torch.Tensor]]
 
 
 def save_checkpoint(out_dir: Path, module: DraftModule, optimizer, scheduler, step: int, epoch: int,
-                    seed: int, unroll_steps: int = 1) -> Path:
-    """Write checkpoint-STEP/ atomically (a temporary directory renamed into place)."""
+                    seed: int, objective: Optional[dict] = None) -> Path:
+    """Write checkpoint-STEP/ atomically (a temporary directory renamed into place). objective: the
+    run's loss settings (`unroll_steps`, `ce_weight`), recorded so that a resume cannot change them."""
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -122,7 +123,7 @@ def save_checkpoint(out_dir: Path, module: DraftModule, optimizer, scheduler, st
                for k, v in module.state_dict().items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "epoch": epoch, "seed": seed, "unroll_steps": unroll_steps, "torch_rng": torch.get_rng_state()},
+                "epoch": epoch, "seed": seed, **(objective or {}), "torch_rng": torch.get_rng_state()},
                tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -182,7 +183,7 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
                 curriculum: Optional[Curriculum] = None, save_every: int = 0, seed: int = 0, resume: bool = False,
                 decay: str = "cosine", init_std: float = 0.02, progress: bool = True,
                 draft_vocab: Optional[torch.Tensor] = None, autocast: Optional[bool] = None,
-                init_from: Optional[Path] = None, unroll_steps: int = 1) -> TrainResult:
+                init_from: Optional[Path] = None, unroll_steps: int = 1, ce_weight: float = CE_WEIGHT) -> TrainResult:
     """Train a draft head on `records` (a RecordSource, or DraftRecords in memory) on the rank's device.
 
     batch_size: the global batch (split evenly over the ranks when torch.distributed is initialised).
@@ -197,12 +198,16 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
     out_dir records it (INIT_FILE); a resumed run continues from its own checkpoint and must have
     started from the same weights, so a changed init_from is an error rather than silently ignored.
     unroll_steps: train the draft as drafting runs it, that many steps deep, each later step fed the
-    previous step's predicted features (`DraftModule.forward_unrolled`, `unrolled_loss`); 1: plain."""
+    previous step's predicted features (`DraftModule.forward_unrolled`, `unrolled_loss`); 1: plain.
+    ce_weight: the soft cross-entropy's weight beside the feature regression (`draft_loss`)."""
     source = as_source(records)
     _check_args(source, config, epochs, lr, warmup_steps, batch_size, save_every, curriculum, decay)
     _check_draft_vocab(draft_vocab, config)
     if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, int) or unroll_steps < 1:
         raise ValueError(f"unroll_steps must be an int >= 1, got {unroll_steps!r}")
+    if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)) or not 0 <= ce_weight < math.inf:
+        raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight!r}")
+    objective = {"unroll_steps": unroll_steps, "ce_weight": float(ce_weight)}
     env = distributed.current()
     if batch_size % env.world_size:
         raise ValueError(f"batch_size {batch_size} (the global batch) not divisible by the world size "
@@ -220,7 +225,7 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total, decay))
     metrics_path = out_dir / METRICS_FILE
     start = None if init_from is None else _read_init(module, Path(init_from))  # checked before out_dir changes
-    step, checkpoint = _start(out_dir, resume, module, optimizer, scheduler, draft_vocab, unroll_steps, env)
+    step, checkpoint = _start(out_dir, resume, module, optimizer, scheduler, draft_vocab, objective, env)
     if start is not None:
         _apply_init(out_dir, step, module, Path(init_from), *start, env)
     model = module
@@ -229,7 +234,7 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
         model = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
     ctx = _Step(model, optimizer, scheduler, params, target_lm_head.detach().float().to(env.device),
                 None if draft_vocab is None else draft_vocab.to(env.device), grad_clip, use_autocast, env,
-                unroll_steps)
+                unroll_steps, float(ce_weight))
     history = []
     module.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", leave=False,
@@ -246,14 +251,14 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             if save_every and step % save_every == 0 and step < total:
-                checkpoint = _save(env, out_dir, module, optimizer, scheduler, step, epoch, seed, unroll_steps)
+                checkpoint = _save(env, out_dir, module, optimizer, scheduler, step, epoch, seed, objective)
     if checkpoint is None or checkpoint.name != f"checkpoint-{step}":
-        checkpoint = _save(env, out_dir, module, optimizer, scheduler, step, plan[-1][0], seed, unroll_steps)
+        checkpoint = _save(env, out_dir, module, optimizer, scheduler, step, plan[-1][0], seed, objective)
     return TrainResult(step, checkpoint, history)
 
 
 def _start(out_dir: Path, resume: bool, module: DraftModule, optimizer, scheduler,
-           draft_vocab: Optional[torch.Tensor], unroll_steps: int, env: DistEnv) -> tuple[int, Optional[Path]]:
+           draft_vocab: Optional[torch.Tensor], objective: dict, env: DistEnv) -> tuple[int, Optional[Path]]:
     """(first step, the checkpoint restored or None): resume from the latest checkpoint, or start
     afresh; the metrics of steps about to be (re-)run are dropped."""
     metrics_path = out_dir / METRICS_FILE
@@ -265,10 +270,11 @@ def _start(out_dir: Path, resume: bool, module: DraftModule, optimizer, schedule
         return 0, None
     state = restore(checkpoint, module, optimizer, scheduler)
     step = state["step"]
-    # one run, one objective (checkpoints written before unroll_steps existed do not record it)
-    if state.get("unroll_steps", unroll_steps) != unroll_steps:
-        raise ValueError(f"{checkpoint} was trained with unroll_steps {state['unroll_steps']}, this run has "
-                         f"{unroll_steps}; resume with the same value or give a new out_dir")
+    # one run, one objective (checkpoints written before a setting existed do not record it)
+    for name, value in objective.items():
+        if state.get(name, value) != value:
+            raise ValueError(f"{checkpoint} was trained with {name} {state[name]}, this run has {value}; "
+                             "resume with the same value or give a new out_dir")
     # The saved optimizer holds the lr its own plan gave the next step; a run resumed with more
     # epochs (a stretched schedule) must take its lr from this run's schedule instead.
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
@@ -356,13 +362,14 @@ class _Step:
     autocast: bool                          # bf16 autocast of forward and loss
     env: DistEnv
     unroll_steps: int = 1                   # draft steps per sample (training-time test); 1: plain
+    ce_weight: float = CE_WEIGHT            # the soft cross-entropy's weight in the loss
 
 
 def _save(env: DistEnv, out_dir: Path, module, optimizer, scheduler, step: int, epoch: int, seed: int,
-          unroll_steps: int) -> Path:
+          objective: dict) -> Path:
     """Rank 0 writes (every rank holds the same state); the barrier keeps the others from running
     ahead of, or reading, a half-written checkpoint."""
-    path = (save_checkpoint(out_dir, module, optimizer, scheduler, step, epoch, seed, unroll_steps) if env.is_main()
+    path = (save_checkpoint(out_dir, module, optimizer, scheduler, step, epoch, seed, objective) if env.is_main()
             else out_dir / f"checkpoint-{step}")
     distributed.barrier()
     return path
@@ -431,7 +438,8 @@ def _train_step(ctx: _Step, batch: dict) -> dict:
         batch = {**batch, "loss_mask": unrolled_mask(batch["loss_mask"], ctx.unroll_steps)}
         preds = ctx.model(batch["token_ids"], batch["noisy"], batch["image_rows"], batch["is_image"],
                           batch["attention_mask"], steps=ctx.unroll_steps)
-        loss, stats = unrolled_loss(preds, batch["features"], batch["loss_mask"], ctx.lm_head, ctx.draft_vocab)
+        loss, stats = unrolled_loss(preds, batch["features"], batch["loss_mask"], ctx.lm_head, ctx.draft_vocab,
+                                    ctx.ce_weight)
     if ctx.env.distributed:
         loss, stats = _global_loss(loss, stats, batch, ctx.env)
     ctx.optimizer.zero_grad(set_to_none=True)
