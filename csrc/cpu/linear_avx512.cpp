@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "cpu/avx512.h"
+#include "cpu/reduce_avx512.h"
 
 namespace msd::cpu {
 namespace {
@@ -90,8 +91,7 @@ MSD_AVX512 void dot_block(const typename D::T* w, int64_t w_stride, const float*
         const __mmask16 mask = static_cast<__mmask16>((1u << (k - c)) - 1u);
         fma_columns<D, R, MB, true>(w, w_stride, x, x_stride, c, mask, 0, acc);
     }
-    for (int i = 0; i < MB; ++i)
-        for (int r = 0; r < R; ++r) sums[i * R + r] = _mm512_reduce_add_ps(acc[i][r]);
+    reduce_add_many<MB * R>(&acc[0][0], sums);
 }
 
 // Weight rows [col, col + R) against every row of x, kXRows x rows at a time: the R rows come
@@ -105,7 +105,7 @@ MSD_AVX512 void weight_block(const LinearArgs& a, int64_t col) {
         const int64_t xs = a.x_row_stride;
         // Only the first group reads the rows from memory; it prefetches the next block's.
         const int64_t ahead = i == 0 ? kPrefetchBlocks * kRows * ws : 0;
-        float sums[kXRows * R];
+        float sums[reduced_size(kXRows * R)];
         const int mb = static_cast<int>(std::min<int64_t>(kXRows, a.m - i));
         switch (mb) {
             case 4: dot_block<D, R, 4>(w, ws, x, xs, a.k, ahead, sums); break;
@@ -130,7 +130,7 @@ template <class D, int MB, int R>
 MSD_AVX512 void wide_block(const LinearArgs& a, int64_t col) {
     const auto* w = static_cast<const typename D::T*>(a.weight) + col * a.weight_row_stride;
     const int64_t ws = a.weight_row_stride;
-    float sums[MB * R];
+    float sums[reduced_size(MB * R)];
     dot_block<D, R, MB>(w, ws, a.x, a.x_row_stride, a.k, R == 1 ? 0 : kPrefetchBlocks * R * ws, sums);
     store_block<D>(a, sums, 0, MB, col, R);
 }

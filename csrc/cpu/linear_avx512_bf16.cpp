@@ -17,6 +17,7 @@
 #include <algorithm>
 
 #include "cpu/avx512.h"
+#include "cpu/reduce_avx512.h"
 
 #define MSD_AVX512_BF16 \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")))
@@ -72,8 +73,7 @@ MSD_AVX512_BF16 void dot_block(const uint16_t* w, int64_t w_stride, const uint16
         const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << (k - c)) - 1u);
         dot_pairs<R, MB, true>(w, w_stride, x, x_stride, c, mask, 0, acc);
     }
-    for (int i = 0; i < MB; ++i)
-        for (int r = 0; r < R; ++r) sums[i * R + r] = _mm512_reduce_add_ps(acc[i][r]);
+    reduce_add_many<MB * R>(&acc[0][0], sums);
 }
 
 // Weight rows [col, col + R) against every row of x, kXRows rows at a time: the weight rows
@@ -86,7 +86,7 @@ MSD_AVX512_BF16 void weight_block(const LinearArgs& a, int64_t col) {
     for (int64_t i = 0; i < a.m; i += kXRows) {
         const uint16_t* x = x_all + i * a.x16_row_stride;
         const int64_t ahead = i == 0 ? kPrefetchBlocks * kRows * ws : 0;
-        float sums[kXRows * R];
+        float sums[reduced_size(kXRows * R)];
         const int mb = static_cast<int>(std::min<int64_t>(kXRows, a.m - i));
         const int64_t xs = a.x16_row_stride;
         switch (mb) {
@@ -108,7 +108,7 @@ template <int MB, int R>
 MSD_AVX512_BF16 void wide_block(const LinearArgs& a, int64_t col) {
     const auto* w = static_cast<const uint16_t*>(a.weight) + col * a.weight_row_stride;
     const int64_t ws = a.weight_row_stride;
-    float sums[MB * R];
+    float sums[reduced_size(MB * R)];
     dot_block<R, MB>(w, ws, static_cast<const uint16_t*>(a.x16), a.x16_row_stride, a.k,
                      R == 1 ? 0 : kPrefetchBlocks * R * ws, sums);
     store_block<BFloat16>(a, sums, 0, MB, col, R);
