@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Write a PNG with the loss (total, feature, 0.1 x CE) and the draft's top-1 agreement per step
+    """Write a PNG with the losses (total, feature, soft CE unweighted) and the draft's top-1 agreement per step
     (per draft step, for an unrolled run)."""
     try:
         import matplotlib
