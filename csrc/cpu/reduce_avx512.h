@@ -15,7 +15,7 @@ namespace {
 // Rounds a count of accumulators up to whole vectors of 16 sums.
 constexpr int reduced_size(int n) { return (n + 15) / 16 * 16; }
 
-// sums[j] = the 16-lane sum of acc[j] for j < 16 (acc[j] for j >= n read as zero vectors).
+// sums[j] = the 16-lane sum of acc[j] for j < 16 (acc[j] for j >= N read as zero vectors).
 template <int N>
 MSD_AVX512 inline __attribute__((always_inline)) void reduce_16(const __m512* acc, float* sums) {
     static_assert(N >= 1 && N <= 16, "one vector of sums");
