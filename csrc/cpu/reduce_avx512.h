@@ -5,8 +5,8 @@
 // then j + 4, j + 2, j + 1), so every sum is bit for bit what that intrinsic gives: a float add
 // is commutative, and the tree's pairs are the same. But 16 accumulators are transposed into one
 // vector as they are summed, ~3 instructions each instead of ~8. Measured on a 2-core Xeon without
-// AMX, one thread, weights [64, 576] in L1, m = 16 (medians of 5 runs): float32 10.0 -> 9.2-9.5 us,
-// bfloat16 (vdpbf16ps) 17.2-18.7 -> 15.8-17.8 us; from DRAM a decode step is memory-bound either way.
+// AMX, one thread, weights [64, 576] in L1, m = 16, medians of 5 runs: float32 10.1 -> 9.1 us,
+// bfloat16 (vdpbf16ps) 17.2 -> 15.8 us. Blocks of fewer than 8 accumulators keep the intrinsic.
 #pragma once
 
 namespace msd::cpu {
@@ -50,7 +50,11 @@ MSD_AVX512 inline __attribute__((always_inline)) void reduce_16(const __m512* ac
 template <int N>
 MSD_AVX512 inline __attribute__((always_inline)) void reduce_add_many(const __m512* acc,
                                                                       float* sums) {
-    if constexpr (N > 16) {
+    if constexpr (N < 8) {
+        // A one-row block (decoding): padding to 16 cost more than it saved (bfloat16 lm_head from
+        // DRAM, m = 1, 2 threads: 2047 -> 2300 us, medians of 12); the intrinsic pairs lanes alike.
+        for (int j = 0; j < N; ++j) sums[j] = _mm512_reduce_add_ps(acc[j]);
+    } else if constexpr (N > 16) {
         reduce_16<16>(acc, sums);
         reduce_add_many<N - 16>(acc + 16, sums + 16);
     } else {
