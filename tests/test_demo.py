@@ -247,6 +247,23 @@ def test_demo_recipe_flags_override_the_recipe(monkeypatch, tmp_path):
                         lambda work, recipe, modes, ship_to: seen.update(work=work, recipe=recipe, modes=modes,
                                                                          ship_to=ship_to))
     assert main(["demo-recipe", "--work", str(tmp_path), "--modes", "msd", "--no-ship", "--self-prompts", "0",
-                 "--unroll-epochs", "2", "--max-new-tokens", "64", "--ce-epochs", "0"]) == 0
-    expected = recipe_module.Recipe(self_prompts=0, unroll_epochs=2, max_new_tokens=64, ce_epochs=0)
+                 "--unroll-epochs", "2", "--max-new-tokens", "64", "--ce-weights"]) == 0
+    expected = recipe_module.Recipe(self_prompts=0, unroll_epochs=2, max_new_tokens=64, ce_weights=())
     assert seen == {"work": tmp_path, "recipe": expected, "modes": ["msd"], "ship_to": None}
+    assert main(["demo-recipe", "--work", str(tmp_path), "--ce-weights", "0.5", "2"]) == 0
+    assert seen["recipe"].ce_weights == (0.5, 2.0)
+
+
+@pytest.mark.parametrize("weights", [(-1.0,), (float("nan"),), (0.5, float("inf")), 0.5, ("0.5",), (True,)])
+def test_recipe_refuses_bad_ce_weights(weights):
+    from msd_engine.demo.recipe import Recipe
+
+    with pytest.raises(ValueError, match="Recipe.ce_weights must be finite numbers >= 0"):
+        Recipe(ce_weights=weights)
+
+
+def test_demo_recipe_flag_refuses_a_negative_ce_weight(tmp_path, capsys):
+    from msd_engine.cli import main
+
+    assert main(["demo-recipe", "--work", str(tmp_path), "--ce-weights", "0.5", "-1"]) == 2
+    assert "Recipe.ce_weights must be finite numbers >= 0" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from tests.test_train_data import make_dataset
 
 RECIPE = Recipe(epochs=1, text_epochs=0, ramp_epochs=0, extra_epochs=1, finetune_epochs=1, finetune_lr=1e-3,
                 unroll_epochs=1, unroll_extra_epochs=1, unroll_steps=2, unroll_lr=1e-3, self_prompts=1, self_epochs=1,
-                self_lr=1e-3, ce_epochs=1, ce_weight=0.5, lr=1e-3, warmup=1, batch_size=1, draft_vocab=16)
+                self_lr=1e-3, ce_weights=(0.5, 1.0), lr=1e-3, warmup=1, batch_size=1, draft_vocab=16)
 
 
 def _steps(run):
@@ -33,19 +33,21 @@ def test_the_stages_chain_and_resume(tiny_llava_dir, tmp_path, capsys):
     runs = work / "runs"
     # stage 1 (1 epoch) resumed as stage 2 (stretched to 2); stage 3: 1 epoch over both sets;
     # stage 4: 1 unrolled epoch over both, resumed stretched to 2; stage 5: 1 unrolled epoch over the later set;
-    # stage 6: that again, the cross-entropy weighted 0.5
+    # stage 6: that again, the cross-entropy weighted 0.5; then once more, weighted 1.0
     assert _steps(runs / "msd") == list(range(1, 2 * records + 1))
     assert _steps(runs / "msd-finetune") == list(range(1, 2 * records + 1))
     assert _steps(runs / "msd-unroll") == list(range(1, 4 * records + 1))
     assert _steps(runs / "msd-self") == list(range(1, records + 1))
     assert _steps(runs / "msd-ce") == list(range(1, records + 1))
+    assert _steps(runs / "msd-ce2") == list(range(1, records + 1))
     init = {name: json.loads((runs / name / "init_from.json").read_text())["checkpoint"]
-            for name in ("msd-finetune", "msd-unroll", "msd-self", "msd-ce")}
+            for name in ("msd-finetune", "msd-unroll", "msd-self", "msd-ce", "msd-ce2")}
     assert init == {"msd-finetune": str(runs / "msd" / f"checkpoint-{2 * records}"),
                     "msd-unroll": str(runs / "msd-finetune" / f"checkpoint-{2 * records}"),
                     "msd-self": str(runs / "msd-unroll" / f"checkpoint-{4 * records}"),
-                    "msd-ce": str(runs / "msd-self" / f"checkpoint-{records}")}
-    for name, weight in (("msd-unroll", 0.1), ("msd-self", 0.1), ("msd-ce", 0.5)):
+                    "msd-ce": str(runs / "msd-self" / f"checkpoint-{records}"),
+                    "msd-ce2": str(runs / "msd-ce" / f"checkpoint-{records}")}
+    for name, weight in (("msd-unroll", 0.1), ("msd-self", 0.1), ("msd-ce", 0.5), ("msd-ce2", 1.0)):
         rows = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
         assert all("acc_2" in r and "acc_3" not in r for r in rows)
         # an unrolled step's loss: the steps' (feature + w * ce) weighted; step 1 alone is logged, so
@@ -54,7 +56,7 @@ def test_the_stages_chain_and_resume(tiny_llava_dir, tmp_path, capsys):
         assert state["ce_weight"] == weight
     config = json.loads((out["msd"] / "config.json").read_text())
     assert config["mode"] == "msd" and config["draft_vocab_size"] == 16
-    before = {name: _steps(runs / name) for name in ("msd", "msd-finetune", "msd-unroll", "msd-self", "msd-ce")}
+    before = {name: _steps(runs / name) for name in ("msd", "msd-finetune", "msd-unroll", "msd-self", "msd-ce", "msd-ce2")}
     train_drafts(tiny_llava_dir, shards[:1], work, RECIPE, ["msd"], None, progress=False, added=shards[1:2],
                  later=shards[2:])
     assert {name: _steps(runs / name) for name in before} == before

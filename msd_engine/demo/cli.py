@@ -45,13 +45,14 @@ def add_demo_parsers(sub) -> None:
     p.add_argument("--self-prompts", type=int, default=None,
                    help="instructions the target writes itself for the fifth stage (0: no fifth stage)")
     p.add_argument("--self-epochs", type=int, default=None, help="epochs of the fifth stage")
-    p.add_argument("--ce-epochs", type=int, default=None,
-                   help="epochs of the sixth stage (the fifth's data, cross-entropy weighted more; 0: none)")
+    p.add_argument("--ce-weights", type=float, nargs="*", default=None, metavar="W",
+                   help="the sixth stage: one epoch over the fifth's data per weight, the soft cross-entropy "
+                        "weighted W (none given: no sixth stage)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length of the target's answers")
 
 
 RECIPE_OVERRIDES = ("epochs", "extra_epochs", "finetune_epochs", "unroll_epochs", "unroll_extra_epochs",
-                    "self_prompts", "self_epochs", "ce_epochs", "max_new_tokens")
+                    "self_prompts", "self_epochs", "ce_weights", "max_new_tokens")
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
