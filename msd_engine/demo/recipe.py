@@ -220,8 +220,8 @@ def train_drafts(target_dir: Path, shards: Sequence[Path], work: Path, recipe: R
                 # Stage 6: the same data again, one epoch a pass (each pass another seed: another
                 # batch order), the soft cross-entropy weighted more than the reference's 0.1. Why:
                 # held-out msd tau, images / text: stage 5 4.41 / 2.965; a pass at 0.5 4.50 / 2.976
-                # (a plain second epoch at 0.1 instead: 4.42 / 2.97); then 1.0: 4.51 / 2.998; 1.0 again: see
-                # the README. The first pass keeps the run name it had when stage 6 was one pass.
+                # (a plain second epoch at 0.1 instead: 4.42 / 2.97); then 1.0: 4.51 / 2.998; 1.0 again:
+                # 4.51 / 3.006. The first pass keeps the run name it had when stage 6 was one pass.
                 result = run(f"{mode}-ce" + (f"{i + 1}" if i else ""), newest, 1, 0, recipe.self_lr, everything,
                              seed=recipe.seed + 1 + i, init_from=result.checkpoint,
                              unroll_steps=recipe.unroll_steps, ce_weight=weight)
