@@ -254,16 +254,30 @@ def test_demo_recipe_flags_override_the_recipe(monkeypatch, tmp_path):
     assert seen["recipe"].ce_weights == (0.5, 2.0)
 
 
-@pytest.mark.parametrize("weights", [(-1.0,), (float("nan"),), (0.5, float("inf")), 0.5, ("0.5",), (True,)])
-def test_recipe_refuses_bad_ce_weights(weights):
+@pytest.mark.parametrize("weights, message", [
+    ((-1.0,), r"Recipe.ce_weights\[0\] must be a finite number >= 0, got -1.0"),
+    ((float("nan"),), r"Recipe.ce_weights\[0\] must be a finite number >= 0, got nan"),
+    ((0.5, float("inf")), r"Recipe.ce_weights\[1\] must be a finite number >= 0, got inf"),
+    (("0.5",), r"Recipe.ce_weights\[0\] must be a finite number >= 0, got '0.5'"),
+    ((True,), r"Recipe.ce_weights\[0\] must be a finite number >= 0, got True"),
+    (0.5, "Recipe.ce_weights must be a sequence of weights, got 0.5"),
+    ("0.5", "Recipe.ce_weights must be a sequence of weights, got '0.5'")])
+def test_recipe_refuses_bad_ce_weights(weights, message):
     from msd_engine.demo.recipe import Recipe
 
-    with pytest.raises(ValueError, match="Recipe.ce_weights must be finite numbers >= 0"):
+    with pytest.raises(ValueError, match=message):
         Recipe(ce_weights=weights)
+
+
+def test_recipe_keeps_ce_weights_as_a_tuple_of_floats():
+    from msd_engine.demo.recipe import Recipe
+
+    assert Recipe(ce_weights=[1, 0.5]).ce_weights == (1.0, 0.5)
+    assert Recipe(ce_weights=[]).ce_weights == ()
 
 
 def test_demo_recipe_flag_refuses_a_negative_ce_weight(tmp_path, capsys):
     from msd_engine.cli import main
 
     assert main(["demo-recipe", "--work", str(tmp_path), "--ce-weights", "0.5", "-1"]) == 2
-    assert "Recipe.ce_weights must be finite numbers >= 0" in capsys.readouterr().err
+    assert "Recipe.ce_weights[1] must be a finite number >= 0, got -1.0" in capsys.readouterr().err

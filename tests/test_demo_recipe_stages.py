@@ -47,13 +47,14 @@ def test_the_stages_chain_and_resume(tiny_llava_dir, tmp_path, capsys):
                     "msd-self": str(runs / "msd-unroll" / f"checkpoint-{4 * records}"),
                     "msd-ce": str(runs / "msd-self" / f"checkpoint-{records}"),
                     "msd-ce2": str(runs / "msd-ce" / f"checkpoint-{records}")}
-    for name, weight in (("msd-unroll", 0.1), ("msd-self", 0.1), ("msd-ce", 0.5), ("msd-ce2", 1.0)):
+    for name, weight, seed in (("msd-unroll", 0.1, 0), ("msd-self", 0.1, 0), ("msd-ce", 0.5, 1), ("msd-ce2", 1.0, 2)):
         rows = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
         assert all("acc_2" in r and "acc_3" not in r for r in rows)
         # an unrolled step's loss: the steps' (feature + w * ce) weighted; step 1 alone is logged, so
         # only the checkpoint's record of w is checked here (test_train_loop checks w reaches the loss)
         state = torch.load(runs / name / f"checkpoint-{rows[-1]['step']}" / STATE_FILE, weights_only=True)
         assert state["ce_weight"] == weight
+        assert state["seed"] == RECIPE.seed + seed  # each stage-6 pass its own batch order
     config = json.loads((out["msd"] / "config.json").read_text())
     assert config["mode"] == "msd" and config["draft_vocab_size"] == 16
     before = {name: _steps(runs / name) for name in ("msd", "msd-finetune", "msd-unroll", "msd-self", "msd-ce", "msd-ce2")}

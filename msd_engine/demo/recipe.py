@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -35,6 +34,7 @@ from msd_engine.demo.prompt_mix import composed_prompts
 from msd_engine.demo.prompt_mix_wide import wide_prompts
 from msd_engine.demo.prompt_self import hf_sampler, replay_sample, self_written_prompts
 from msd_engine.demo.target import ensure_target
+from msd_engine.train.losses import check_ce_weight
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,11 @@ class Recipe:
     eval_max_new_tokens: int = 96
 
     def __post_init__(self) -> None:
-        # Checked here, not hours later when stage 6 starts.
-        try:
-            weights = tuple(self.ce_weights)
-        except TypeError:
-            weights = (None,)
-        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf for w in weights):
-            raise ValueError(f"Recipe.ce_weights must be finite numbers >= 0, got {self.ce_weights!r}")
-        object.__setattr__(self, "ce_weights", tuple(float(w) for w in weights))
+        # Checked here, not hours later when stage 6 starts; stored as a tuple (the CLI gives a list).
+        if isinstance(self.ce_weights, (str, bytes)) or not hasattr(self.ce_weights, "__iter__"):
+            raise ValueError(f"Recipe.ce_weights must be a sequence of weights, got {self.ce_weights!r}")
+        object.__setattr__(self, "ce_weights", tuple(check_ce_weight(w, f"Recipe.ce_weights[{i}]")
+                                                     for i, w in enumerate(self.ce_weights)))
 
 
 def write_conversations(prompts: Sequence[dict], images_dir: Path, path: Path) -> Path:

@@ -17,6 +17,7 @@ vocabulary (the target's top-1 there). The feature regression (SmoothL1) is unch
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -26,6 +27,14 @@ CE_WEIGHT = 0.1        # soft cross-entropy weight beside the feature regression
 NOISE_SCALE = 0.2      # uniform noise width at the reference length
 NOISE_REF_LEN = 512    # ... scaled by NOISE_REF_LEN / seq_len
 UNROLL_DECAY = 0.8     # weight of unrolled draft step k relative to step k-1
+
+
+def check_ce_weight(value, name: str = "ce_weight") -> float:
+    """`value` as a float after checking it is a finite number >= 0 (not a bool); else a ValueError
+    naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def draft_loss(pred: torch.Tensor, target_features: torch.Tensor, loss_mask: torch.Tensor, lm_head: torch.Tensor,

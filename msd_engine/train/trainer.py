@@ -38,7 +38,8 @@ from msd_engine.draft.weights import DRAFT_VOCAB_KEY
 from msd_engine.train import distributed
 from msd_engine.train.curriculum import Curriculum
 from msd_engine.train.distributed import DistEnv
-from msd_engine.train.losses import CE_WEIGHT, NOISE_REF_LEN, NOISE_SCALE, unrolled_loss, unrolled_mask
+from msd_engine.train.losses import (CE_WEIGHT, NOISE_REF_LEN, NOISE_SCALE, check_ce_weight, unrolled_loss,
+                                     unrolled_mask)
 from msd_engine.train.module import DraftModule
 from msd_engine.train.records import DraftRecord
 from msd_engine.train.source import RecordSource, as_source
@@ -205,9 +206,7 @@ def train_draft(records: Union[RecordSource, Sequence[DraftRecord]], target_lm_h
     _check_draft_vocab(draft_vocab, config)
     if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, int) or unroll_steps < 1:
         raise ValueError(f"unroll_steps must be an int >= 1, got {unroll_steps!r}")
-    if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)) or not 0 <= ce_weight < math.inf:
-        raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight!r}")
-    objective = {"unroll_steps": unroll_steps, "ce_weight": float(ce_weight)}
+    objective = {"unroll_steps": unroll_steps, "ce_weight": check_ce_weight(ce_weight)}
     env = distributed.current()
     if batch_size % env.world_size:
         raise ValueError(f"batch_size {batch_size} (the global batch) not divisible by the world size "
