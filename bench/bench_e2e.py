@@ -6,7 +6,9 @@ prompt (with and without images) and every temperature, each system generates th
 tokens at most. The engine runs in `--dtype`; transformers runs in each of `--hf-dtypes`, and the
 speedup "vs transformers" is over the fastest of those (each system at its best precision). Decode
 tokens/s is (new tokens - 1) / (time after the first token), summed over the prompts of a group.
-tau = tokens per target verify forward. Greedy outputs of the speculative systems are checked equal
+tau = tokens per verify forward of a draft tree. Both drafts step aside for plain steps while their
+rounds do not pay (`PausePolicy`, from the round cost the tuner measured for the tree; `--no-pause`:
+never), and "paused" is the share of decode tokens those plain steps gave. Greedy outputs of the speculative systems are checked equal
 to plain decoding's (the method is lossless); transformers' greedy agreement with the engine is
 reported too. Writes JSON and a PNG chart.
 
@@ -52,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--tree", default=None,
                    help="TOP_K,DEPTH,TOTAL (default: the tree measured for the msd draft on this machine, cached)")
+    p.add_argument("--no-pause", action="store_true",
+                   help="speculate every step (default: pause while rounds do not pay, as Engine.load's 'auto')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="the engine's target precision")
     p.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=DTYPES,
@@ -77,8 +81,12 @@ def run(args: argparse.Namespace) -> dict:
         tree = ensure_tuned_tree(target, msd_dir, dtype=args.dtype)
     engines = {"msd": Engine.load(target, dtype=args.dtype, max_seq_len=2048, draft=msd_dir, tree=tree,
                                   draft_dtype=DRAFT_DTYPE)}
+    if args.no_pause:
+        engines["msd"].pause = None
+    # The msd draft's tree, and its pause policy (the tuner measured that tree's round cost), for both.
     engines["eagle"] = Engine.load(target, dtype=args.dtype, max_seq_len=2048, draft=eagle_dir,
-                                   tree=engines["msd"].tree, draft_dtype=DRAFT_DTYPE)
+                                   tree=engines["msd"].tree, draft_dtype=DRAFT_DTYPE, pause_below=None)
+    engines["eagle"].pause = engines["msd"].pause
     engines["plain"] = engines["msd"]
     hf = ({f"transformers:{d}": build_hf_llava(target, getattr(torch, d)) for d in args.hf_dtypes}
           if "transformers" in args.systems else {})
@@ -109,12 +117,13 @@ def run(args: argparse.Namespace) -> dict:
                     s = result.stats
                     tokens = result.token_ids
                     decode_s = (s.get("draft_ms", 0) + s.get("verify_ms", 0) + s.get("other_ms", 0)
-                                if system != "plain" else s["decode_ms"]) / 1e3
+                                + s.get("plain_ms", 0) if system != "plain" else s["decode_ms"]) / 1e3
                     row.update(new_tokens=s["new_tokens"], tokens_per_s=s["decode_tokens_per_s"], decode_s=decode_s)
                     if system != "plain":
                         row.update(tau=s["tau"], verify_forwards=s["verify_forwards"],
                                    accepted_tokens=sum(int(n) * c for n, c in s["accepted_histogram"].items()),
-                                   draft_ms=s["draft_ms"], verify_ms=s["verify_ms"], other_ms=s["other_ms"])
+                                   draft_ms=s["draft_ms"], verify_ms=s["verify_ms"], other_ms=s["other_ms"],
+                                   plain_steps=s["plain_steps"], plain_ms=s["plain_ms"])
                 outputs[system] = tokens
                 rows.append(row)
             if temperature == 0 and "plain" in outputs:
@@ -134,7 +143,8 @@ def run(args: argparse.Namespace) -> dict:
             "config": {"max_new_tokens": args.max_new_tokens, "temperatures": args.temperatures,
                        "prompts": len(prompts), "tree": dataclasses.asdict(engines["msd"].tree), "dtype": args.dtype,
                        "hf_dtypes": args.hf_dtypes,
-                       "draft_dtype": DRAFT_DTYPE, "backend": engines["msd"].backend},
+                       "draft_dtype": DRAFT_DTYPE, "backend": engines["msd"].backend,
+                       "pause": dataclasses.asdict(engines["msd"].pause) if engines["msd"].pause else None},
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "msd_cpu_isa": native.cpu_isa() if native.is_built() else None}}
@@ -159,6 +169,7 @@ def summarise(rows: list[dict], systems) -> dict:
                 if system in ("eagle", "msd"):
                     fw = sum(r["verify_forwards"] for r in rs)
                     e["tau"] = sum(r["accepted_tokens"] for r in rs) / fw if fw else 0.0
+                    e["paused"] = sum(r.get("plain_steps", 0) for r in rs) / steps if steps else 0.0
                 entry[system] = e
             hf = [s for s in systems if s.startswith("transformers")]
             if hf:
@@ -210,6 +221,7 @@ def main(argv=None) -> int:
     for key, entry in result["summary"].items():
         print(key + ": " + "; ".join(
             f"{s} {e['tokens_per_s']:.1f} tok/s" + (f" tau {e['tau']:.2f}" if "tau" in e else "")
+            + (f" paused {100 * e['paused']:.0f}%" if e.get("paused") else "")
             + (f" x{e['speedup_vs_plain']:.2f} plain" if "speedup_vs_plain" in e else "")
             + (f" x{e['speedup_vs_transformers']:.2f} hf" if "speedup_vs_transformers" in e else "")
             for s, e in entry.items()))

@@ -105,13 +105,18 @@ def _run_measured_tune(args: argparse.Namespace) -> int:
     trees = trees_for(torch.device(args.device))
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, draft=args.draft,
                          tree=scratch_tree(trees), draft_dtype=args.draft_dtype)
-    best, rates = tune_tree(engine, prompts, trees, args.max_new_tokens)
-    for tree, rate in rates.items():
+    tuning = tune_tree(engine, prompts, trees, args.max_new_tokens)
+    best = tuning.best
+    print(f"plain decoding: {tuning.plain_tokens_per_s:7.1f} tok/s")
+    for tree, rate in tuning.rates.items():
+        cost = tuning.round_costs.get(tree)
         print(f"top_k {tree.top_k:2d} depth {tree.depth} total {tree.total_tokens:3d}: {rate:7.1f} tok/s"
-              f"{'  <- best' if tree == best else ''}")
+              + (f", a round costs {cost:.2f} plain steps" if cost else "")
+              + ("  <- best" if tree == best else ""))
     dtype = engine.model.text.embed_tokens.dtype
     key = draft_key(Path(args.draft), engine.drafter.model.fc_weight.dtype, dtype)
-    path = save_tuned(engine.device, engine.config, dtype, best, rates, draft=key)
+    path = save_tuned(engine.device, engine.config, dtype, best, tuning.rates, draft=key,
+                      round_costs=tuning.round_costs, plain_tokens_per_s=tuning.plain_tokens_per_s)
     print(f"tree top_k={best.top_k} depth={best.depth} total_tokens={best.total_tokens} for this device, model and "
           f"draft (cached in {path})")
     return 0

@@ -17,9 +17,10 @@ from msd_engine.request import as_image_list, expand_image_tokens, pixel_values_
 from msd_engine.sampling import Sampler, SamplingParams
 from msd_engine.spec.drafter import Drafter
 from msd_engine.spec.loader import load_drafter
+from msd_engine.spec.pause import PausePolicy
 from msd_engine.spec.speculative import SpecStats, speculative_decode
 from msd_engine.spec.tree import TreeParams
-from msd_engine.spec.tune import draft_key, load_tuned
+from msd_engine.spec.tune import draft_key, load_tuned, load_tuned_round_cost
 from msd_engine.tokenizer import StreamDecoder, Tokenizer
 from msd_engine.weights import CONFIG_FILE, TOKENIZER_FILE, load_weights
 
@@ -81,7 +82,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], config: ModelConfig) -> 
 class Engine:
     def __init__(self, config: ModelConfig, model: LlavaModel, tokenizer: Tokenizer, cache: KVCache,
                  device: torch.device, backend: str, drafter: Optional[Drafter] = None,
-                 tree: TreeParams = TreeParams()):
+                 tree: TreeParams = TreeParams(), pause: Optional[PausePolicy] = None):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -90,18 +91,25 @@ class Engine:
         self.backend = backend
         self.drafter = drafter
         self.tree = tree
+        self.pause = pause  # when speculation steps aside for plain steps (None: never)
 
     @classmethod
     def load(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
              dtype: Union[str, torch.dtype, None] = None, max_seq_len: Optional[int] = None,
              backend: str = "auto", draft: Union[str, Path, None] = None,
-             tree: Optional[TreeParams] = None, draft_dtype: Union[str, torch.dtype, None] = None) -> "Engine":
+             tree: Optional[TreeParams] = None, draft_dtype: Union[str, torch.dtype, None] = None,
+             pause_below: Union[float, str, None] = "auto") -> "Engine":
         """Load a converted model directory (see `msd-engine convert`), and optionally a converted
         draft head (`msd-engine convert msd-draft`) for speculative decoding with tree `tree`.
 
         draft_dtype: the draft head's precision (default: the target's). A half-precision draft over a
         float32 target halves the draft's memory traffic on the CPU; the output stays the target's,
-        exactly, whatever the draft proposes."""
+        exactly, whatever the draft proposes.
+
+        pause_below: a speculative round's cost in plain steps; while the draft's recent rounds emit
+        fewer tokens than that, plain steps stand in for them (`spec.pause.PausePolicy`; output
+        unchanged). "auto": the cost the tuner measured for this tree on this device (`msd-engine
+        tune --draft`), or no pausing when it has none; None: never pause."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: model directory not found")
@@ -120,14 +128,15 @@ class Engine:
         cache = KVCache(t.num_layers, t.num_kv_heads, seq_len, t.head_dim, torch_dtype, dev)
         tokenizer = Tokenizer.from_file(path / TOKENIZER_FILE)
         draft_torch_dtype = torch_dtype if draft_dtype is None else resolve_dtype(draft_dtype, config)
+        key = None if draft is None else draft_key(Path(draft), draft_torch_dtype, torch_dtype)
         if tree is None:
             # A tree size tuned for this device and model (`msd-engine tune`) beats the GPU default.
-            key = None if draft is None else draft_key(Path(draft), draft_torch_dtype, torch_dtype)
             tree = load_tuned(dev, config, torch_dtype, key) or TreeParams()
+        pause = _pause_policy(pause_below, dev, config, torch_dtype, key, tree)
         drafter = None
         if draft is not None:
             drafter = load_drafter(Path(draft), model, ops, seq_len, tree, draft_torch_dtype, dev)
-        return cls(config, model, tokenizer, cache, dev, backend, drafter, tree)
+        return cls(config, model, tokenizer, cache, dev, backend, drafter, tree, pause)
 
     # ---- public API --------------------------------------------------------------------------
     def generate(self, prompt: Optional[str] = None, image=None, *, input_ids: Optional[Sequence[int]] = None,
@@ -190,6 +199,18 @@ class Engine:
         return ids, pixels
 
 
+def _pause_policy(pause_below, device: torch.device, config: ModelConfig, dtype: torch.dtype,
+                  draft: Optional[str], tree: TreeParams) -> Optional[PausePolicy]:
+    if pause_below is None:
+        return None
+    if isinstance(pause_below, str):
+        if pause_below != "auto":
+            raise ValueError(f"pause_below must be a number, 'auto' or None, got {pause_below!r}")
+        cost = None if draft is None else load_tuned_round_cost(device, config, dtype, draft, tree)
+        return None if cost is None else PausePolicy(break_even=max(cost, 1.0))
+    return PausePolicy(break_even=pause_below)
+
+
 class _TokenStream:
     """Iterates new token ids for one request; keeps stats and the finish reason."""
 
@@ -213,7 +234,8 @@ class _TokenStream:
         if self.speculative:
             assert eng.drafter is not None and isinstance(self.stats, SpecStats)
             yield from speculative_decode(eng.model, eng.cache, eng.drafter, ids, embeds, sampler, eng.tree,
-                                          self.gen.max_new_tokens, eng.config.eos_token_ids, self.stats, self.stop)
+                                          self.gen.max_new_tokens, eng.config.eos_token_ids, self.stats, self.stop,
+                                          eng.pause)
         else:
             yield from decode(eng.model, eng.cache, embeds, sampler, self.gen.max_new_tokens,
                               eng.config.eos_token_ids, self.stats, self.stop)

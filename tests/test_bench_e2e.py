@@ -32,7 +32,7 @@ def row(system: str, image, new_tokens: int, tokens_per_s: float, **extra) -> di
 def test_summary_speedup_is_over_the_fastest_transformers_precision():
     spec = dict(verify_forwards=10, accepted_tokens=30)
     rows = [row("transformers:float32", "cat", 11, 20.0), row("transformers:bfloat16", "cat", 11, 25.0),
-            row("plain", "cat", 11, 40.0), row("msd", "cat", 11, 80.0, **spec),
+            row("plain", "cat", 11, 40.0), row("msd", "cat", 11, 80.0, plain_steps=4, **spec),
             row("transformers:float32", None, 21, 30.0), row("transformers:bfloat16", None, 21, 10.0),
             row("plain", None, 21, 40.0), row("msd", None, 21, 60.0, **spec)]
     systems = ["transformers:float32", "transformers:bfloat16", "plain", "msd"]
@@ -43,6 +43,8 @@ def test_summary_speedup_is_over_the_fastest_transformers_precision():
     assert image["msd"]["speedup_vs_transformers"] == pytest.approx(80 / 25)
     assert text["msd"]["speedup_vs_transformers"] == pytest.approx(60 / 30)
     assert image["msd"]["speedup_vs_plain"] == pytest.approx(2.0) and image["msd"]["tau"] == pytest.approx(3.0)
+    # the share of decode tokens from a pause's plain steps: 4 of 10 (rows without the key: none)
+    assert image["msd"]["paused"] == pytest.approx(0.4) and text["msd"]["paused"] == 0.0
     # "all": tokens over seconds of both groups (10 + 20 steps), per system
     everything = summary["T=0/all"]
     assert everything["transformers:bfloat16"]["tokens_per_s"] == pytest.approx(30 / (10 / 25 + 20 / 10))

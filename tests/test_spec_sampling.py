@@ -13,6 +13,7 @@ import torch
 
 from msd_engine import Engine
 from msd_engine.sampling import SamplingParams, probabilities
+from msd_engine.spec.pause import PausePolicy
 from msd_engine.spec.tree import TreeParams
 from tests.factories import write_tiny_text_model
 from tests.spec_doubles import OracleDrafter, write_random_draft
@@ -80,13 +81,15 @@ def sample_counts(engine: Engine, params: SamplingParams) -> dict:
 
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0, 1.0), SamplingParams(0.8, 0.85)], ids=["t1", "t0.8-p0.85"])
-@pytest.mark.parametrize("drafter_kind", ["random", "oracle"])
+@pytest.mark.parametrize("drafter_kind", ["random", "oracle", "random-paused"])
 def test_speculative_samples_follow_the_target_distribution(tiny, params, drafter_kind):
     model, target, draft = tiny
     joint = exact_joint(target, params)
     assert abs(sum(joint.values()) - 1.0) < 1e-5  # float32 probabilities
-    if drafter_kind == "random":
+    if drafter_kind.startswith("random"):
         engine = Engine.load(model, max_seq_len=64, draft=draft, tree=TreeParams(top_k=3, depth=2, total_tokens=8))
+        if drafter_kind == "random-paused":  # a round, then a plain step in place of the next one
+            engine.pause = PausePolicy(break_even=50.0, first_rounds=1, first_pause=1, longest_pause=1)
     else:  # deterministic proposals: the greedy continuation with wrong siblings
         greedy = target.generate(input_ids=PROMPT, max_new_tokens=STEPS + 8).token_ids
         engine = Engine(target.config, target.model, target.tokenizer, target.cache, target.device, target.backend,

@@ -7,6 +7,7 @@ import torch
 from msd_engine import Engine
 from msd_engine.cli import main
 from msd_engine.spec import tune
+from msd_engine.spec.pause import PausePolicy
 from msd_engine.spec.tree import TreeParams
 
 
@@ -101,13 +102,33 @@ def test_measured_tree_tuning_is_cached_per_draft_and_used_by_load(tiny_llava_di
     draft = write_random_draft(Engine.load(tiny_llava_dir, dtype="float32"), tmp_path / "draft")
     trees = (TreeParams(2, 2, 4), TreeParams(3, 3, 8))
     engine = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft, tree=tune.scratch_tree(trees))
-    best, rates = tune.tune_tree(engine, [("hello there", None)], trees, max_new_tokens=6)
-    assert set(rates) == set(trees) and best == tune.pick_tree(rates) and all(r > 0 for r in rates.values())
+    engine.pause = PausePolicy(break_even=50.0)  # tuning measures rounds, never pauses
+    tuning = tune.tune_tree(engine, [("hello there", None)], trees, max_new_tokens=6)
+    rates = tuning.rates
+    assert set(rates) == set(trees) and tuning.best == tune.pick_tree(rates) and all(r > 0 for r in rates.values())
+    assert tuning.plain_tokens_per_s > 0 and set(tuning.round_costs) == set(trees)
+    assert all(c > 0 for c in tuning.round_costs.values())
     assert engine.tree == tune.scratch_tree(trees)  # tuning leaves the engine's own tree alone
+    assert engine.pause == PausePolicy(break_even=50.0)  # and its pause policy
     dtype = engine.model.text.embed_tokens.dtype
     key = tune.draft_key(draft)
-    tune.save_tuned(engine.device, engine.config, dtype, TreeParams(3, 3, 8), rates, draft=key)
+    tune.save_tuned(engine.device, engine.config, dtype, TreeParams(3, 3, 8), rates, draft=key,
+                    round_costs={TreeParams(3, 3, 8): 1.75, TreeParams(2, 2, 4): 0.5},
+                    plain_tokens_per_s=tuning.plain_tokens_per_s)
     assert tune.load_tuned(engine.device, engine.config, dtype, key) == TreeParams(3, 3, 8)
+    # pause_below="auto" (the default) takes the tuned tree's round cost; a cost under one plain
+    # step still never pauses more than a break-even of 1 would; other trees have none measured
+    loaded = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft)
+    assert loaded.pause == PausePolicy(break_even=1.75)
+    assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft,
+                       tree=TreeParams(2, 2, 4)).pause == PausePolicy(break_even=1.0)
+    assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft,
+                       tree=TreeParams(4, 2, 8)).pause is None
+    assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft, pause_below=None).pause is None
+    assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft,
+                       pause_below=2.5).pause == PausePolicy(break_even=2.5)
+    with pytest.raises(ValueError, match="pause_below must be a number, 'auto' or None"):
+        Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft, pause_below="tuned")
     assert tune.load_tuned(engine.device, engine.config, dtype) is None  # only for that draft
     assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft).tree == TreeParams(3, 3, 8)
     assert Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128).tree == TreeParams()

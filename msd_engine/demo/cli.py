@@ -113,7 +113,8 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0
     s = spec.stats
     print(f"{args.draft}: {s['new_tokens']} tokens, {s['decode_tokens_per_s']:.1f} tok/s, tau {s['tau']:.2f} "
-          f"(draft {s['draft_ms']:.0f} ms, verify {s['verify_ms']:.0f} ms)")
+          f"(draft {s['draft_ms']:.0f} ms, verify {s['verify_ms']:.0f} ms"
+          + (f"; {s['plain_steps']} plain steps while rounds did not pay" if s["plain_steps"] else "") + ")")
     if "plain" in report:
         p = report["plain"]
         same = "identical" if report["same_text"] else "different (sampling draws differ)"

@@ -52,9 +52,14 @@ def ensure_tuned_tree(target: Path, draft: Path, device: str = "cpu", dtype: str
     started = time.perf_counter()
     engine = Engine.load(target, device=device, dtype=dtype, max_seq_len=2048, draft=draft,
                          tree=scratch_tree(trees), draft_dtype=DRAFT_DTYPE)
-    best, rates = tune_tree(engine, tuning_prompts(), trees, TUNE_MAX_NEW_TOKENS)
-    path = save_tuned(dev, engine.config, target_dtype, best, rates, draft=key)
+    tuning = tune_tree(engine, tuning_prompts(), trees, TUNE_MAX_NEW_TOKENS)
+    best = tuning.best
+    path = save_tuned(dev, engine.config, target_dtype, best, tuning.rates, draft=key,
+                      round_costs=tuning.round_costs, plain_tokens_per_s=tuning.plain_tokens_per_s)
     if progress:
+        cost = tuning.round_costs.get(best)
         print(f"tree top_k={best.top_k} depth={best.depth} total_tokens={best.total_tokens} "
-              f"({rates[best]:.1f} tok/s; {time.perf_counter() - started:.0f} s; cached in {path})", flush=True)
+              f"({tuning.rates[best]:.1f} tok/s, plain decoding {tuning.plain_tokens_per_s:.1f}"
+              + (f"; a round costs {cost:.2f} plain steps" if cost else "")
+              + f"; {time.perf_counter() - started:.0f} s; cached in {path})", flush=True)
     return best

@@ -17,6 +17,7 @@ from msd_engine.model.llava import LlavaModel
 from msd_engine.sampling import Sampler, probabilities
 from msd_engine.spec.accept import accept_greedy, accept_sampling
 from msd_engine.spec.drafter import Drafter
+from msd_engine.spec.pause import PausePolicy, PauseState
 from msd_engine.spec.tree import DraftTree, TreeParams
 
 
@@ -28,16 +29,20 @@ class SpecStats(GenerationStats):
     verify_forwards: int = 0
     accepted_histogram: dict = field(default_factory=dict)  # tokens emitted per verify forward -> count
     tree_nodes: int = 0
+    plain_steps: int = 0     # steps taken while speculation paused (`PausePolicy`), one token each
+    plain_ms: float = 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
-        # Every token after the prefill's comes from the rounds: drafting, verifying, accepting.
-        ms = self.draft_ms + self.verify_ms + self.other_ms
+        # Every token after the prefill's comes from the rounds (drafting, verifying, accepting)
+        # or from the plain steps of a pause.
+        ms = self.draft_ms + self.verify_ms + self.other_ms + self.plain_ms
         return max(self.new_tokens - 1, 0) / (ms / 1e3) if ms > 0 else 0.0
 
     @property
     def tau(self) -> float:
-        """Mean tokens emitted per verify forward, the bonus token counted."""
+        """Mean tokens emitted per verify forward of a draft tree, the bonus token counted (a
+        pause's plain steps are not rounds and are not counted)."""
         total = sum(n * c for n, c in self.accepted_histogram.items())
         return total / self.verify_forwards if self.verify_forwards else 0.0
 
@@ -82,7 +87,9 @@ def _tree_params_for(params: TreeParams, slots_left: int) -> TreeParams:
 
 def speculative_decode(model: LlavaModel, cache: KVCache, drafter: Drafter, input_ids: torch.Tensor,
                        prompt_embeds: torch.Tensor, sampler: Sampler, params: TreeParams, max_new_tokens: int,
-                       eos_ids: tuple[int, ...], stats: SpecStats, stop: StopState) -> Iterator[int]:
+                       eos_ids: tuple[int, ...], stats: SpecStats, stop: StopState,
+                       pause: Optional[PausePolicy] = None) -> Iterator[int]:
+    """Yield new token ids; `pause` (None: never) lets plain steps stand in for rounds that do not pay."""
     device = prompt_embeds.device
     cache.reset()
     drafter.reset()
@@ -103,6 +110,8 @@ def speculative_decode(model: LlavaModel, cache: KVCache, drafter: Drafter, inpu
     stats.draft_ms += timer.lap()
 
     pending = [root]
+    pausing = PauseState(pause)
+    deferred = _Deferred()  # what plain steps emitted, for the draft to commit before its next round
     while True:
         for token in pending:  # emit, checking every stop rule token by token
             stats.new_tokens += 1
@@ -118,8 +127,49 @@ def speculative_decode(model: LlavaModel, cache: KVCache, drafter: Drafter, inpu
             stop.finish_reason = "length"
             return
         timer.lap()  # the consumer's time between tokens is not ours
+        if not pausing.speculate():
+            pending = [_plain_step(model, cache, pending[-1], sampler, deferred)]
+            stats.plain_ms += timer.lap()
+            stats.plain_steps += 1
+            stats.target_forwards += 1
+            continue
+        if deferred.tokens:
+            with torch.inference_mode():
+                deferred.commit(drafter, device)
+            stats.draft_ms += timer.lap()
         pending = _speculate_round(model, cache, drafter, pending[-1], sampler,
                                    _tree_params_for(params, slots_left), stats, timer)
+        pausing.observe(len(pending))
+
+
+class _Deferred:
+    """Tokens emitted by plain steps and the target features they followed, not yet in the draft."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.features: list[torch.Tensor] = []
+
+    def add(self, token: int, feature: torch.Tensor) -> None:
+        self.tokens.append(token)
+        self.features.append(feature)
+
+    def commit(self, drafter: Drafter, device: torch.device) -> None:
+        # As a round's extend: the token at each position p + 1 with the target's feature at p.
+        drafter.extend(torch.tensor(self.tokens, device=device), None, None, torch.stack(self.features))
+        self.tokens, self.features = [], []
+
+
+def _plain_step(model: LlavaModel, cache: KVCache, token: int, sampler: Sampler, deferred: _Deferred) -> int:
+    """One plain decoding step after `token` (as `generation.decode` takes it); returns the next token."""
+    text, position = model.text, cache.length
+    device = text.embed_tokens.device
+    with torch.inference_mode(), text.ops.step_scope(1):
+        step = text.plan_step(torch.tensor([position], device=device), position, None)
+        hidden = text.forward(text.embed(torch.tensor([token], device=device)), step, cache)
+        next_token = sampler(text.logits(hidden)[0])
+    cache.advance(1)
+    deferred.add(next_token, hidden[-1].clone())  # the step's buffers may be reused
+    return next_token
 
 
 def _speculate_round(model: LlavaModel, cache: KVCache, drafter: Drafter, root: int, sampler: Sampler,

@@ -6,7 +6,9 @@ candidate T, divide by an assumed acceptance gain of a tree that size, take the 
 tree shape (top_k, depth, total_tokens) and keep the fastest measured one (`pick_tree`: a tie
 within 2% goes to the shallower tree): the draft's real acceptance and the device's real draft and
 verify costs decide. GPUs verify 60 tokens for about the
-price of one; a CPU pays for every token, so its candidates are far smaller trees.
+price of one; a CPU pays for every token, so its candidates are far smaller trees. `tune_tree` times
+plain decoding over the same prompts too, and records each tree's round cost in plain steps: the
+break-even tokens per round under which `PausePolicy` lets plain steps stand in for rounds.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -43,8 +46,9 @@ def cache_file() -> Path:
 # Raised when a change to the engine moves what drafting or verifying costs on the CPU, so that
 # trees tuned before it are measured again (2: one native call per CPU decoder layer; 3: AVX-512
 # norms and rope, two-core attention from smaller steps, numpy argmax, 1 ms pool spin; 4: the
-# draft's extend and drafting step as one native call each).
-CPU_COST_REVISION = 4
+# draft's extend and drafting step as one native call each; 5: measured trees carry their round
+# cost in plain steps, which `Engine.load(pause_below="auto")` reads).
+CPU_COST_REVISION = 5
 
 
 def device_key(device: torch.device) -> str:
@@ -93,21 +97,39 @@ def scratch_tree(trees) -> TreeParams:
     return TreeParams(k, d, min(max(t.total_tokens for t in trees), TreeParams(k, d, 1).max_nodes))
 
 
-def tune_tree(engine, prompts, trees, max_new_tokens: int = 64) -> tuple[TreeParams, dict[TreeParams, float]]:
-    """(the tree `pick_tree` picks, {tree: decode tokens/s}) measured with speculative greedy decoding over
-    `prompts` [(text, image or None)] on `engine` (loaded with a draft and a tree from `scratch_tree`)."""
+@dataclass(frozen=True)
+class TreeTuning:
+    """What `tune_tree` measured: the tree `pick_tree` picks, each tree's decode tokens/s, plain
+    decoding's tokens/s over the same prompts, and each tree's round cost in plain steps (a round's
+    drafting + verifying + accepting time over a plain step's; the tokens per round at which
+    speculation breaks even, what `PausePolicy.break_even` wants)."""
+
+    best: TreeParams
+    rates: dict
+    plain_tokens_per_s: float
+    round_costs: dict
+
+
+def tune_tree(engine, prompts, trees, max_new_tokens: int = 64) -> TreeTuning:
+    """Measure speculative greedy decoding with each of `trees`, and plain decoding, over `prompts`
+    [(text, image or None)] on `engine` (loaded with a draft and a tree from `scratch_tree`)."""
     if engine.drafter is None:
         raise ValueError("tune_tree needs an engine loaded with a draft")
     if not prompts:
         raise ValueError("tune_tree needs at least one prompt")
-    loaded = engine.tree
+    loaded, pause = engine.tree, engine.pause
     trees = tuple(trees)
-    steps, seconds = dict.fromkeys(trees, 0), dict.fromkeys(trees, 0.0)
+    steps, seconds, rounds = dict.fromkeys(trees, 0), dict.fromkeys(trees, 0.0), dict.fromkeys(trees, 0)
+    plain_steps, plain_seconds = 0, 0.0
     try:
+        engine.pause = None  # every step a round: the rounds themselves are measured
         engine.generate(prompts[0][0], image=prompts[0][1], max_new_tokens=8, speculative=True)  # warm-up
         # Prompt by prompt, every tree in turn: a machine whose speed drifts during the tuning
         # (other tenants, clocks) then weighs on every tree alike, not on the ones measured last.
         for text, image in prompts:
+            s = engine.generate(text, image=image, max_new_tokens=max_new_tokens, speculative=False).stats
+            plain_steps += max(s["new_tokens"] - 1, 0)
+            plain_seconds += s["decode_ms"] / 1e3
             for tree in trees:
                 engine.tree = tree
                 s = engine.generate(text, image=image, max_new_tokens=max_new_tokens, speculative=True).stats
@@ -115,10 +137,13 @@ def tune_tree(engine, prompts, trees, max_new_tokens: int = 64) -> tuple[TreePar
                 if n and s["decode_tokens_per_s"] > 0:
                     steps[tree] += n
                     seconds[tree] += n / s["decode_tokens_per_s"]
+                    rounds[tree] += s["verify_forwards"]
     finally:
-        engine.tree = loaded
+        engine.tree, engine.pause = loaded, pause
     rates = {tree: steps[tree] / seconds[tree] if seconds[tree] else 0.0 for tree in trees}
-    return pick_tree(rates), rates
+    plain_rate = plain_steps / plain_seconds if plain_seconds else 0.0
+    costs = {tree: (seconds[tree] / rounds[tree]) * plain_rate for tree in trees if rounds[tree] and plain_rate}
+    return TreeTuning(pick_tree(rates), rates, plain_rate, costs)
 
 
 # Trees measured within this fraction of the fastest count as tied (see pick_tree).
@@ -227,15 +252,35 @@ def load_tuned(device: torch.device, config: ModelConfig, dtype: torch.dtype,
     return None
 
 
+def _tree_name(tree: TreeParams) -> str:
+    return f"{tree.top_k},{tree.depth},{tree.total_tokens}"
+
+
+def load_tuned_round_cost(device: torch.device, config: ModelConfig, dtype: torch.dtype, draft: str,
+                          tree: TreeParams) -> Optional[float]:
+    """The round cost in plain steps the tuner measured for `tree` with `draft` (a `draft_key`) on
+    this device and model; None when it measured none."""
+    entry = _read_table().get(device_key(device), {}).get(_entry_key(config, dtype, draft)) or {}
+    costs = entry.get("round_cost_plain_steps")
+    cost = costs.get(_tree_name(tree)) if isinstance(costs, dict) else None
+    return float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost > 0 else None
+
+
 def save_tuned(device: torch.device, config: ModelConfig, dtype: torch.dtype, best,
-               timings: dict, draft: Optional[str] = None) -> Path:
-    """Cache `best` (a total_tokens int from the verify timing, or a measured TreeParams)."""
+               timings: dict, draft: Optional[str] = None, round_costs: Optional[dict] = None,
+               plain_tokens_per_s: Optional[float] = None) -> Path:
+    """Cache `best` (a total_tokens int from the verify timing, or a measured TreeParams, with the
+    measured trees' `round_costs` and plain decoding's rate where given)."""
     path = cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     table = _read_table()
     if isinstance(best, TreeParams):
         entry = {"tree": {"top_k": best.top_k, "depth": best.depth, "total_tokens": best.total_tokens},
-                 "tokens_per_s": {f"{t.top_k},{t.depth},{t.total_tokens}": v for t, v in timings.items()}}
+                 "tokens_per_s": {_tree_name(t): v for t, v in timings.items()}}
+        if round_costs:
+            entry["round_cost_plain_steps"] = {_tree_name(t): v for t, v in round_costs.items()}
+        if plain_tokens_per_s:
+            entry["plain_tokens_per_s"] = plain_tokens_per_s
     else:
         entry = {"total_tokens": int(best), "verify_ms": {str(k): v for k, v in timings.items()}}
     table.setdefault(device_key(device), {})[_entry_key(config, dtype, draft)] = entry
