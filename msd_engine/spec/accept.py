@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from msd_engine.sampling import argmax_rows
+from msd_engine.sampling import argmax_rows, sample_index
 from msd_engine.spec.tree import DraftTree
 
 # coin(prob) -> True with probability prob (a 0-d float tensor); draw(p) -> a token ~ p [V].
@@ -60,7 +60,7 @@ def accept_sampling(tree: DraftTree, target_probs: Tensor,
         return bool(u < prob)
 
     def draw(p: Tensor) -> int:
-        return int(torch.multinomial(p, 1, generator=generator))
+        return sample_index(p, generator)
 
     return accept_sampling_with(tree, target_probs, coin, draw)
 
