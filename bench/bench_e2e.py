@@ -7,8 +7,9 @@ tokens at most. The engine runs in `--dtype`; transformers runs in each of `--hf
 speedup "vs transformers" is over the fastest of those (each system at its best precision). Decode
 tokens/s is (new tokens - 1) / (time after the first token), summed over the prompts of a group.
 tau = tokens per verify forward of a draft tree. Both drafts step aside for plain steps while their
-rounds do not pay (`PausePolicy`, from the round cost the tuner measured for the tree; `--no-pause`:
-never), and "paused" is the share of decode tokens those plain steps gave. Greedy outputs of the speculative systems are checked equal
+rounds do not pay (`PausePolicy`, from the round cost the tuner measured for the tree), and "paused"
+is the share of decode tokens those plain steps gave; `msd-always` is the msd draft speculating
+every step, for the pause's effect side by side. Greedy outputs of the speculative systems are checked equal
 to plain decoding's (the method is lossless); transformers' greedy agreement with the engine is
 reported too. Writes JSON and a PNG chart.
 
@@ -41,7 +42,8 @@ from msd_engine.engine import Engine  # noqa: E402
 from msd_engine.request import expand_image_tokens, pixel_values_for, prompt_ids  # noqa: E402
 from msd_engine.spec.tree import TreeParams  # noqa: E402
 
-SYSTEMS = ("transformers", "plain", "eagle", "msd")
+SYSTEMS = ("transformers", "plain", "eagle", "msd", "msd-always")
+SPECULATIVE = ("eagle", "msd", "msd-always")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -54,8 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--tree", default=None,
                    help="TOP_K,DEPTH,TOTAL (default: the tree measured for the msd draft on this machine, cached)")
-    p.add_argument("--no-pause", action="store_true",
-                   help="speculate every step (default: pause while rounds do not pay, as Engine.load's 'auto')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="the engine's target precision")
     p.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=DTYPES,
@@ -81,13 +81,12 @@ def run(args: argparse.Namespace) -> dict:
         tree = ensure_tuned_tree(target, msd_dir, dtype=args.dtype)
     engines = {"msd": Engine.load(target, dtype=args.dtype, max_seq_len=2048, draft=msd_dir, tree=tree,
                                   draft_dtype=DRAFT_DTYPE)}
-    if args.no_pause:
-        engines["msd"].pause = None
     # The msd draft's tree, and its pause policy (the tuner measured that tree's round cost), for both.
     engines["eagle"] = Engine.load(target, dtype=args.dtype, max_seq_len=2048, draft=eagle_dir,
                                    tree=engines["msd"].tree, draft_dtype=DRAFT_DTYPE, pause_below=None)
-    engines["eagle"].pause = engines["msd"].pause
-    engines["plain"] = engines["msd"]
+    pause = engines["msd"].pause
+    pauses = {"eagle": pause, "msd": pause, "msd-always": None, "plain": None}
+    engines["plain"] = engines["msd-always"] = engines["msd"]
     hf = ({f"transformers:{d}": build_hf_llava(target, getattr(torch, d)) for d in args.hf_dtypes}
           if "transformers" in args.systems else {})
     systems = [label for s in args.systems for label in (hf if s == "transformers" else [s])]
@@ -111,6 +110,7 @@ def run(args: argparse.Namespace) -> dict:
                     tokens, rate = hf_generate(*hf[system], ids, pixels, args.max_new_tokens, temperature, seed)
                     row.update(new_tokens=len(tokens), tokens_per_s=rate)
                 else:
+                    engines[system].pause = pauses[system]
                     result = engines[system].generate(p["prompt"], image=image, max_new_tokens=args.max_new_tokens,
                                                       temperature=temperature, seed=seed,
                                                       speculative=system != "plain")
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
                 outputs[system] = tokens
                 rows.append(row)
             if temperature == 0 and "plain" in outputs:
-                for system in ("eagle", "msd"):
+                for system in SPECULATIVE:
                     if system in outputs and outputs[system] != outputs["plain"]:
                         raise AssertionError(f"prompt {i}: {system} greedy output differs from plain decoding")
                 for row in rows[-len(outputs):]:
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
                        "prompts": len(prompts), "tree": dataclasses.asdict(engines["msd"].tree), "dtype": args.dtype,
                        "hf_dtypes": args.hf_dtypes,
                        "draft_dtype": DRAFT_DTYPE, "backend": engines["msd"].backend,
-                       "pause": dataclasses.asdict(engines["msd"].pause) if engines["msd"].pause else None},
+                       "pause": dataclasses.asdict(pause) if pause else None},
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "msd_cpu_isa": native.cpu_isa() if native.is_built() else None}}
@@ -166,7 +166,7 @@ def summarise(rows: list[dict], systems) -> dict:
                 steps = sum(max(r["new_tokens"] - 1, 0) for r in rs)
                 secs = sum(max(r["new_tokens"] - 1, 0) / r["tokens_per_s"] for r in rs if r["tokens_per_s"] > 0)
                 e = {"tokens_per_s": steps / secs if secs else 0.0, "prompts": len(rs)}
-                if system in ("eagle", "msd"):
+                if system in SPECULATIVE:
                     fw = sum(r["verify_forwards"] for r in rs)
                     e["tau"] = sum(r["accepted_tokens"] for r in rs) / fw if fw else 0.0
                     e["paused"] = sum(r.get("plain_steps", 0) for r in rs) / steps if steps else 0.0

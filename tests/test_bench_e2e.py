@@ -64,6 +64,6 @@ def test_bench_runs_the_engine_in_bfloat16_against_both_transformers_precisions(
     result = json.loads(out.read_text())
     assert result["config"]["dtype"] == "bfloat16" and result["config"]["hf_dtypes"] == ["float32", "bfloat16"]
     systems = {r["system"] for r in result["rows"]}
-    assert systems == {"transformers:float32", "transformers:bfloat16", "plain", "eagle", "msd"}
+    assert systems == {"transformers:float32", "transformers:bfloat16", "plain", "eagle", "msd", "msd-always"}
     assert all(r["new_tokens"] > 0 for r in result["rows"])  # greedy losslessness is asserted by the script
     assert out.with_suffix(".png").is_file()
