@@ -190,7 +190,7 @@ def plot(result: dict, path: Path) -> Path:
 
     groups = [k for k in result["summary"] if not k.endswith("/all")]
     systems = list(dict.fromkeys(s for g in groups for s in result["summary"][g] if s != "transformers"))
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(systems)
     for j, system in enumerate(systems):
         values = [result["summary"][g].get(system, {}).get("tokens_per_s", 0.0) for g in groups]
@@ -203,7 +203,7 @@ def plot(result: dict, path: Path) -> Path:
     ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(groups))], groups)
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"demo pair (SmolLM2-135M + seeded CLIP), held-out prompts, CPU, engine {result['config']['dtype']}")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
