@@ -36,6 +36,9 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--draft-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="the draft head's precision (default: the target's)")
     _add_tree_args(p)
+    p.add_argument("--pause-below", type=_pause_below, default="auto", metavar="COST|auto|never",
+                   help="a round's cost in plain steps, under which speculation takes plain steps (default "
+                        "auto: the cost `tune --draft` measured for the tree; never: speculate every step)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print one JSON object with text, ids, reason, stats")
     out.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -46,6 +49,18 @@ def _add_tree_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=None, help="tree: expansion steps (default 5)")
     p.add_argument("--total-tokens", type=int, default=None,
                    help="tree: nodes incl. the root (default: tuned for this device, else 60)")
+
+
+def _pause_below(text: str):
+    if text in ("auto", "never"):
+        return None if text == "never" else text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, 'auto' or 'never', got {text!r}") from None
+    if not value >= 1.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a round's cost in plain steps is a finite number >= 1, got {text!r}")
+    return value
 
 
 def _tree_from_args(args: argparse.Namespace):
@@ -140,7 +155,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"{'--no-spec' if args.no_spec else '--draft-dtype'} only makes sense with --draft")
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                          backend=args.backend, draft=args.draft, tree=_tree_from_args(args),
-                         draft_dtype=args.draft_dtype)
+                         draft_dtype=args.draft_dtype, pause_below=args.pause_below)
     kwargs = dict(image=args.image or None, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_p=args.top_p, seed=args.seed, speculative=False if args.no_spec else None)
     if args.stream:
@@ -155,6 +170,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(result.text)
         s = result.stats
         spec = f", tau {s['tau']:.2f}" if "tau" in s else ""
+        spec += f", {s['plain_steps']} paused steps" if s.get("plain_steps") else ""
         print(f"[{s['new_tokens']} tokens, {result.finish_reason}; prefill {s['prefill_ms']:.1f} ms, "
               f"decode {s['decode_tokens_per_s']:.1f} tok/s{spec}]", file=sys.stderr)
     return 0

@@ -1,6 +1,8 @@
 """`msd-engine tune`: the EAGLE-2 tree-size rule, its per-device cache, and Engine.load using it."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -177,3 +179,21 @@ def test_pick_tree_takes_the_cheapest_of_the_trees_tied_with_the_fastest():
         tune.pick_tree({})
     with pytest.raises(ValueError, match=r"tolerance must be in \[0, 1\)"):
         tune.pick_tree(rates, tolerance=1.5)
+
+
+@pytest.mark.parametrize("costs", [{"3,3,8": "fast"}, {"3,3,8": -1.0}, {"3,3,8": True}, ["3,3,8"], None])
+def test_a_damaged_round_cost_is_no_pause(tiny_llava_dir, monkeypatch, tmp_path, costs):
+    monkeypatch.setenv("MSD_ENGINE_CACHE", str(tmp_path))
+    engine = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=64)
+    dtype = engine.model.text.embed_tokens.dtype
+    tune.save_tuned(engine.device, engine.config, dtype, TreeParams(3, 3, 8), {TreeParams(3, 3, 8): 1.0}, draft="d",
+                    round_costs={TreeParams(3, 3, 8): 1.5})
+    assert tune.load_tuned_round_cost(engine.device, engine.config, dtype, "d", TreeParams(3, 3, 8)) == 1.5
+    table = json.loads(tune.cache_file().read_text())
+    for entries in table.values():
+        for entry in entries.values():
+            entry["round_cost_plain_steps"] = costs
+    tune.cache_file().write_text(json.dumps(table))
+    assert tune.load_tuned_round_cost(engine.device, engine.config, dtype, "d", TreeParams(3, 3, 8)) is None
+    tune.cache_file().write_text(json.dumps({tune.device_key(engine.device): ["not", "a", "table"]}))
+    assert tune.load_tuned_round_cost(engine.device, engine.config, dtype, "d", TreeParams(3, 3, 8)) is None

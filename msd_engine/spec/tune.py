@@ -260,10 +260,13 @@ def load_tuned_round_cost(device: torch.device, config: ModelConfig, dtype: torc
                           tree: TreeParams) -> Optional[float]:
     """The round cost in plain steps the tuner measured for `tree` with `draft` (a `draft_key`) on
     this device and model; None when it measured none."""
-    entry = _read_table().get(device_key(device), {}).get(_entry_key(config, dtype, draft)) or {}
-    costs = entry.get("round_cost_plain_steps")
+    entries = _read_table().get(device_key(device))
+    entry = entries.get(_entry_key(config, dtype, draft)) if isinstance(entries, dict) else None
+    costs = entry.get("round_cost_plain_steps") if isinstance(entry, dict) else None
     cost = costs.get(_tree_name(tree)) if isinstance(costs, dict) else None
-    return float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost > 0 else None
+    # a damaged entry is only a missed optimisation, as in load_tuned
+    ok = isinstance(cost, (int, float)) and not isinstance(cost, bool) and 0 < cost < float("inf")
+    return float(cost) if ok else None
 
 
 def save_tuned(device: torch.device, config: ModelConfig, dtype: torch.dtype, best,
