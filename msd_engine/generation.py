@@ -81,19 +81,28 @@ def decode(model: LlavaModel, cache: KVCache, prompt_embeds: torch.Tensor, sampl
             stop.finish_reason = "length"
             break
         t1 = time.perf_counter()
-        position = cache.length
-        # The whole step in the backend's one-row scope, sampling included: on the CPU a softmax
-        # over the vocabulary on torch's threads, right after the kernels' pool, made each sampled
-        # token ~5 ms slower (the pool's spinning worker and torch's thread share the cores).
-        with torch.inference_mode(), text.ops.step_scope(1):
-            step = text.plan_step(torch.tensor([position], device=device), position, None)
-            hidden = text.forward(text.embed(torch.tensor([token], device=device)), step, cache)
-            token = sampler(text.logits(hidden)[0])
-        cache.advance(1)
+        token, _ = decode_step(model, cache, token, sampler)
         stats.target_forwards += 1
         _sync(device)
         # Only the steps are timed: a streaming consumer's time between tokens is not ours.
         stats.decode_ms += (time.perf_counter() - t1) * 1e3
+
+
+def decode_step(model: LlavaModel, cache: KVCache, token: int, sampler: Sampler) -> tuple[int, torch.Tensor]:
+    """One plain decoding step after `token` at the cache's next position: (the next token, the
+    step's final hidden state [1, H]); the cache advances by one."""
+    text = model.text
+    device = text.embed_tokens.device
+    position = cache.length
+    # The whole step in the backend's one-row scope, sampling included: on the CPU a softmax
+    # over the vocabulary on torch's threads, right after the kernels' pool, made each sampled
+    # token ~5 ms slower (the pool's spinning worker and torch's thread share the cores).
+    with torch.inference_mode(), text.ops.step_scope(1):
+        step = text.plan_step(torch.tensor([position], device=device), position, None)
+        hidden = text.forward(text.embed(torch.tensor([token], device=device)), step, cache)
+        next_token = sampler(text.logits(hidden)[0])
+    cache.advance(1)
+    return next_token, hidden
 
 
 def check_prompt_fits(num_prompt: int, cache: KVCache) -> None:

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from msd_engine.generation import GenerationStats, StopState, _sync
+from msd_engine.generation import GenerationStats, StopState, _sync, decode_step
 from msd_engine.kv_cache import KVCache
 from msd_engine.model.llava import LlavaModel
 from msd_engine.sampling import Sampler, probabilities
@@ -160,14 +160,8 @@ class _Deferred:
 
 
 def _plain_step(model: LlavaModel, cache: KVCache, token: int, sampler: Sampler, deferred: _Deferred) -> int:
-    """One plain decoding step after `token` (as `generation.decode` takes it); returns the next token."""
-    text, position = model.text, cache.length
-    device = text.embed_tokens.device
-    with torch.inference_mode(), text.ops.step_scope(1):
-        step = text.plan_step(torch.tensor([position], device=device), position, None)
-        hidden = text.forward(text.embed(torch.tensor([token], device=device)), step, cache)
-        next_token = sampler(text.logits(hidden)[0])
-    cache.advance(1)
+    """Plain decoding's step after `token`, its token and feature kept for the draft; returns the token."""
+    next_token, hidden = decode_step(model, cache, token, sampler)
     deferred.add(next_token, hidden[-1].clone())  # the step's buffers may be reused
     return next_token
 
