@@ -52,9 +52,11 @@ def test_generate_stream_prints_text(smollm2_float32, capsys):
     (["generate", "--model", "M", "--prompt", "x", "--max-new-tokens", "many"], "invalid int value"),
     (["generate", "--model", "M", "--prompt", "x", "--top-p", "0", "--json"], "top_p must be in"),
     (["generate", "--model", "M", "--prompt", "x", "--image", "/nonexistent.png"], "nonexistent.png"),
-    (["generate", "--model", "M", "--prompt", "x", "--pause-below", "0.5"], "a finite number >= 1, got '0.5'"),
+    (["generate", "--model", "M", "--prompt", "x", "--pause-below", "0.5"],
+     "PausePolicy.break_even must be a finite number >= 1 (tokens per round), got 0.5"),
+    (["generate", "--model", "M", "--prompt", "x", "--pause-below", "inf"], "must be a finite number >= 1"),
     (["generate", "--model", "M", "--prompt", "x", "--pause-below", "sometimes"],
-     "expected a number >= 1, 'auto' or 'never', got 'sometimes'"),
+     "expected a number, 'auto' or 'never', got 'sometimes'"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(tiny_llava_dir, argv, message):
     argv = [str(tiny_llava_dir) if a == "M" else a for a in argv]
