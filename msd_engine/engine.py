@@ -128,7 +128,9 @@ class Engine:
         cache = KVCache(t.num_layers, t.num_kv_heads, seq_len, t.head_dim, torch_dtype, dev)
         tokenizer = Tokenizer.from_file(path / TOKENIZER_FILE)
         draft_torch_dtype = torch_dtype if draft_dtype is None else resolve_dtype(draft_dtype, config)
-        key = None if draft is None else draft_key(Path(draft), draft_torch_dtype, torch_dtype)
+        # The draft's cache key hashes its whole file (~1 s per GB): only where the tuning cache is read.
+        needs_key = draft is not None and (tree is None or pause_below == "auto")
+        key = draft_key(Path(draft), draft_torch_dtype, torch_dtype) if needs_key else None
         if tree is None:
             # A tree size tuned for this device and model (`msd-engine tune`) beats the GPU default.
             tree = load_tuned(dev, config, torch_dtype, key) or TreeParams()

@@ -197,3 +197,21 @@ def test_a_damaged_round_cost_is_no_pause(tiny_llava_dir, monkeypatch, tmp_path,
     assert tune.load_tuned_round_cost(engine.device, engine.config, dtype, "d", TreeParams(3, 3, 8)) is None
     tune.cache_file().write_text(json.dumps({tune.device_key(engine.device): ["not", "a", "table"]}))
     assert tune.load_tuned_round_cost(engine.device, engine.config, dtype, "d", TreeParams(3, 3, 8)) is None
+
+
+def test_load_hashes_the_draft_only_when_it_reads_the_tuning_cache(tiny_llava_dir, monkeypatch, tmp_path):
+    import msd_engine.engine as engine_module
+    from tests.spec_doubles import write_random_draft
+
+    monkeypatch.setenv("MSD_ENGINE_CACHE", str(tmp_path))
+    draft = write_random_draft(Engine.load(tiny_llava_dir, dtype="float32"), tmp_path / "draft")
+    hashed = []
+    real = engine_module.draft_key
+    monkeypatch.setattr(engine_module, "draft_key", lambda *a, **k: hashed.append(1) or real(*a, **k))
+    tree = TreeParams(2, 2, 4)
+    Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=64, draft=draft, tree=tree, pause_below=None)
+    Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=64, draft=draft, tree=tree, pause_below=1.5)
+    assert hashed == []
+    Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=64, draft=draft, tree=tree)  # "auto" reads the cache
+    Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=64, draft=draft, pause_below=None)  # so does tree=None
+    assert hashed == [1, 1]
