@@ -96,6 +96,10 @@ def test_speculative_samples_follow_the_target_distribution(tiny, params, drafte
                         OracleDrafter(greedy + [0] * 8, VOCAB, corrupt=0.0), TreeParams(2, 3, 7))
     counts = sample_counts(engine, params)
     assert sum(counts.values()) == SAMPLES
+    if drafter_kind == "random-paused":  # the plain steps did stand in for rounds in these samples
+        steps = [engine.generate(input_ids=PROMPT, max_new_tokens=STEPS, temperature=params.temperature,
+                                 top_p=params.top_p, seed=seed).stats["plain_steps"] for seed in range(40)]
+        assert 0 < sum(1 for n in steps if n) < 40
     assert chi_square_p(counts, joint, SAMPLES) > ALPHA
     if drafter_kind == "oracle":
         engine.drafter.reset()
