@@ -46,8 +46,8 @@ def sample_index(probs: torch.Tensor, generator: Optional[torch.Generator]) -> i
     """One index drawn from `probs` [V] (non-negative, any positive total) by the inverse of its
     cumulative distribution: the first index whose running total (float64) exceeds a uniform draw
     scaled to the total, so a zero-probability index is never drawn. One random number per token:
-    on the CPU `torch.multinomial` took ~1.2 ms for one draw over 49k tokens on one core, this ~40 us,
-    and a sampled token paid it once per plain step and per rejected speculative round."""
+    on the CPU `torch.multinomial` took ~1.2 ms for one draw over 49k tokens on one core, this
+    ~60 us, and sampling pays it once per plain step and once per speculative round."""
     if probs.dim() != 1 or probs.shape[0] == 0:
         raise ValueError(f"sample_index takes probabilities [V], got shape {tuple(probs.shape)}")
     cdf = torch.cumsum(probs, 0, dtype=torch.float64)
