@@ -18,11 +18,13 @@ class OracleDrafter:
     sees branching trees and compaction moves non-contiguous nodes.
     """
 
-    def __init__(self, continuation: list[int], vocab: int, seed: int = 0, corrupt: float = 0.3):
+    def __init__(self, continuation: list[int], vocab: int, seed: int = 0, corrupt: float = 0.3,
+                 hindsight_right: bool = True):
         self.continuation = continuation
         self.vocab = vocab
         self.rng = torch.Generator().manual_seed(seed)
         self.corrupt = corrupt
+        self.hindsight_right = hindsight_right  # whether extend_guessing's best guess is the true token
         self.emitted = 0
 
     def reset(self) -> None:
@@ -32,6 +34,12 @@ class OracleDrafter:
         # The prefill commit ends with the root (1 emitted token); later commits are all emitted.
         self.emitted += 1 if self.emitted == 0 else token_ids.shape[0]
         return features
+
+    def extend_guessing(self, token_ids, features, k) -> torch.Tensor:
+        self.extend(token_ids, None, None, features)
+        right = token_ids.tolist()
+        return torch.tensor([[t if self.hindsight_right else self._wrong(t)] + [self._wrong(t)] * (k - 1)
+                             for t in right])
 
     def _wrong(self, right: int) -> int:
         return (right + 1 + int(torch.randint(self.vocab - 1, (1,), generator=self.rng))) % self.vocab

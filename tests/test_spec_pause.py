@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from msd_engine import Engine
-from msd_engine.spec.pause import PausePolicy, PauseState
+from msd_engine.spec.pause import PausePolicy, PauseState, hindsight_rounds
 from msd_engine.spec.tree import TreeParams
 from tests.factories import IMAGE_TOKEN_ID, SPECS
-from tests.spec_doubles import write_random_draft
+from tests.spec_doubles import OracleDrafter, write_random_draft
 
 # Pauses as soon and as often as it can: a round must emit 50 tokens to pay.
 ALWAYS = PausePolicy(break_even=50.0, first_rounds=1, first_pause=2, longest_pause=4)
@@ -95,6 +95,70 @@ def test_no_policy_never_pauses():
     for _ in range(20):
         state.observe(1)
     assert _steps(state, 20) == [True] * 20
+
+
+@pytest.mark.parametrize("tokens, guesses, longest, rounds", [
+    ([5, 6, 7, 8, 9], [[5, 1], [6, 0], [7, 0], [8, 0], [0, 9]], 3, [4, 2]),  # first token: any of k; then best only
+    ([5, 6, 7, 8], [[1, 5], [0, 6], [7, 0], [8, 0]], 3, [2, 3]),  # 6 only second best: that round ends
+    ([5, 6, 7], [[1, 2], [3, 4], [7, 0]], 3, [1, 1, 2]),  # misses emit the target's token; the cut round: 1 + 1
+    ([5, 6, 7], [[5], [6], [7]], 5, [4]),  # all guessed, the stretch ends first: a lower bound, accepted + 1
+    ([5, 6], [[1], [2]], 2, [1, 1]),  # the last token missed: its round is whole (the token is the bonus)
+    ([5, 6, 7, 8], [[5], [6], [7], [8]], 0, [1, 1, 1, 1]),  # a root-only tree accepts nothing
+    ([5, 6, 7, 8, 9, 10], [[5], [6], [7], [8], [9], [10]], 2, [3, 3]),  # longest caps a round
+    ([], [], 3, []),
+])
+def test_hindsight_walks_the_stretch_as_rounds_would(tokens, guesses, longest, rounds):
+    assert hindsight_rounds(tokens, guesses, longest) == rounds
+
+
+def test_hindsight_rejects_mismatched_guesses():
+    with pytest.raises(ValueError, match="one row of guesses per token, got 1 for 2"):
+        hindsight_rounds([1, 2], [[1]], 3)
+    with pytest.raises(ValueError, match="longest must be >= 0"):
+        hindsight_rounds([1], [[1]], -1)
+
+
+def test_review_resumes_when_hindsight_pays_else_doubles_the_pause():
+    state = PauseState(PausePolicy(break_even=2.0, first_rounds=1, first_pause=2, longest_pause=8, smoothing=0.5))
+    state.observe(1)  # mean 1 < 1.8: a 2-step pause
+    assert _steps(state, 3) == [False, False, True]
+    assert not state.review([1, 1])  # would not have paid: a 4-step pause, this step its first
+    assert _steps(state, 4) == [False, False, False, True]
+    assert not state.review([1])  # 8 steps
+    assert _steps(state, 8) == [False] * 7 + [True]
+    assert not state.review([2])  # mean 1.5: still under; capped at 8
+    assert _steps(state, 8) == [False] * 7 + [True]
+    assert state.review([4, 3])  # mean 2.6 (1.5 -> 2.75 -> 2.875): rounds resume
+    state.observe(1)  # mean 1.94 >= 1.8: no pause
+    assert _steps(state, 2) == [True, True]
+    state.observe(1)  # mean 1.47: the pause is short again
+    assert _steps(state, 3) == [False, False, True]
+
+
+def _oracle_engine(target: Engine, plain_ids: list[int], hindsight_right: bool, policy: PausePolicy) -> Engine:
+    # Every drafted chain token wrong (rounds emit 1 token); hindsight's best guesses right or wrong.
+    drafter = OracleDrafter(plain_ids + [0] * 16, vocab=target.config.text.vocab_size, corrupt=1.0,
+                            hindsight_right=hindsight_right)
+    return Engine(target.config, target.model, target.tokenizer, target.cache, target.device, target.backend,
+                  drafter, TreeParams(2, 3, 7), pause=policy)
+
+
+@pytest.mark.parametrize("hindsight_right", [True, False])
+def test_a_pause_ends_on_what_the_draft_would_have_done(engines, hindsight_right):
+    """Rounds that emit one token start a 4-step pause. Where the draft would have guessed the paused
+    tokens, rounds resume at once and every pause stays 4 steps; where it would not, no round runs again
+    and the pause doubles (no trial rounds)."""
+    plain, _ = engines
+    ids, _ = _request(5, False)
+    expected = plain.generate(input_ids=ids, max_new_tokens=40).token_ids
+    policy = PausePolicy(break_even=2.0, first_rounds=2, first_pause=4, longest_pause=16, smoothing=1.0)
+    out = _oracle_engine(plain, expected, hindsight_right, policy).generate(input_ids=ids, max_new_tokens=40)
+    assert out.token_ids == expected
+    s = out.stats
+    if hindsight_right:  # 2 rounds, then (4 plain steps, 1 round) 7 times, then 2 plain steps: 39 tokens
+        assert (s["verify_forwards"], s["plain_steps"]) == (2 + 7, 7 * 4 + 2)
+    else:  # 2 rounds, then pauses of 4, 8, 16, 16 ... with no round between them
+        assert (s["verify_forwards"], s["plain_steps"]) == (2, 37)
 
 
 @pytest.mark.parametrize("with_image", [False, True])

@@ -30,6 +30,10 @@ class Drafter(Protocol):
     def draft(self, root_token: int, params: TreeParams) -> DraftTree:
         """Propose a tree rooted at `root_token` (the last emitted token)."""
 
+    def extend_guessing(self, token_ids: torch.Tensor, features: torch.Tensor, k: int) -> torch.Tensor:
+        """`extend` over text tokens, returning the draft's k best guesses [m, k] (best first) for each
+        of them, made from the position before it, as a round's first level makes them."""
+
 
 class TreeDrafter:
     """EAGLE-2 dynamic-tree drafting with a `DraftModel` over its own static KV cache."""
@@ -67,6 +71,13 @@ class TreeDrafter:
         self.cache.advance(m)
         self.last_hidden = hidden[-1]
         return hidden
+
+    def extend_guessing(self, token_ids, features, k) -> torch.Tensor:
+        assert self.last_hidden is not None, "extend() must run before extend_guessing()"
+        before = self.last_hidden  # [H]: the draft's output before token_ids[0]
+        hidden = self.extend(token_ids, None, None, features)
+        rows = torch.cat([before[None], hidden[:-1]])  # row i precedes token i
+        return self.model.top_k(rows, k)[1]
 
     def draft(self, root_token: int, params: TreeParams) -> DraftTree:
         assert self.last_hidden is not None, "extend() must run before draft()"

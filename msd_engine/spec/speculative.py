@@ -17,7 +17,7 @@ from msd_engine.model.llava import LlavaModel
 from msd_engine.sampling import Sampler, probabilities
 from msd_engine.spec.accept import accept_greedy, accept_sampling
 from msd_engine.spec.drafter import Drafter
-from msd_engine.spec.pause import PausePolicy, PauseState
+from msd_engine.spec.pause import PausePolicy, PauseState, hindsight_rounds
 from msd_engine.spec.tree import DraftTree, TreeParams
 
 
@@ -127,18 +127,19 @@ def speculative_decode(model: LlavaModel, cache: KVCache, drafter: Drafter, inpu
             stop.finish_reason = "length"
             return
         timer.lap()  # the consumer's time between tokens is not ours
-        if not pausing.speculate():
+        tree_params = _tree_params_for(params, slots_left)
+        speculate = pausing.speculate()
+        if speculate and deferred.tokens:  # a pause ended: the draft catches up and looks back
+            with torch.inference_mode():
+                speculate = pausing.review(deferred.commit(drafter, device, tree_params))
+            stats.draft_ms += timer.lap()
+        if not speculate:
             pending = [_plain_step(model, cache, pending[-1], sampler, deferred)]
             stats.plain_ms += timer.lap()
             stats.plain_steps += 1
             stats.target_forwards += 1
             continue
-        if deferred.tokens:
-            with torch.inference_mode():
-                deferred.commit(drafter, device)
-            stats.draft_ms += timer.lap()
-        pending = _speculate_round(model, cache, drafter, pending[-1], sampler,
-                                   _tree_params_for(params, slots_left), stats, timer)
+        pending = _speculate_round(model, cache, drafter, pending[-1], sampler, tree_params, stats, timer)
         pausing.observe(len(pending))
 
 
@@ -153,10 +154,14 @@ class _Deferred:
         self.tokens.append(token)
         self.features.append(feature)
 
-    def commit(self, drafter: Drafter, device: torch.device) -> None:
-        # As a round's extend: the token at each position p + 1 with the target's feature at p.
-        drafter.extend(torch.tensor(self.tokens, device=device), None, None, torch.stack(self.features))
+    def commit(self, drafter: Drafter, device: torch.device, params: TreeParams) -> list[int]:
+        """Commit as a round's extend does (the token at each position p + 1 with the target's feature
+        at p); returns the tokens per round that rounds of `params` would have emitted over them."""
+        guesses = drafter.extend_guessing(torch.tensor(self.tokens, device=device), torch.stack(self.features),
+                                          params.top_k)
+        rounds = hindsight_rounds(self.tokens, guesses.tolist(), min(params.depth + 1, params.total_tokens - 1))
         self.tokens, self.features = [], []
+        return rounds
 
 
 def _plain_step(model: LlavaModel, cache: KVCache, token: int, sampler: Sampler, deferred: _Deferred) -> int:
