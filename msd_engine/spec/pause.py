@@ -30,8 +30,8 @@ tokens by plain steps and ran 1.12x plain against 1.23x without pausing; weighti
 eighth round, at 0.9 of the break-even, it ran 1.31x against 1.31x greedy and 0.96x against 0.86x at
 temperature 1 (`/work`-only script, one run each; this machine's run-to-run noise is ~10%).
 
-Decisions depend only on tokens (accepted lengths, the draft's guesses), never on clocks, so a seeded request gives the
-same tokens on every run. Output is the target's either way: a plain step is one target forward
+Decisions depend only on tokens (accepted lengths, the draft's guesses), never on clocks, so a
+seeded request gives the same tokens on every run. Output is the target's either way: a plain step is one target forward
 and one sample (greedy: the argmax), exactly as plain decoding takes it.
 """
 from __future__ import annotations
@@ -122,14 +122,14 @@ def hindsight_rounds(tokens: Sequence[int], guesses: Sequence[Sequence[int]], lo
     emitted, in order), from the draft's guesses for each token: `guesses[i]` are its k best for
     tokens[i], best first, made from the positions before it.
 
-    A round accepts its first token when it is among the k guesses (the root's k children are all in
-    the tree; sampling accepts one of k distinct children with exactly the probability that the
-    target's sample is one of them), each later token when it is the best guess, up to `longest`
-    tokens (what the tree's depth and size allow), and emits them plus the next token (the bonus). A round cut off by the
-    stretch's end counts what it had accepted plus one, a lower bound, when it accepted any; else it
-    is left out. The later tokens are judged from guesses made with the target's features, which a
-    real round's deeper levels do not have, and along one path where a tree holds a few: two errors
-    that pull opposite ways."""
+    A round accepts its first token when it is among the k guesses, each later token when it is the
+    best guess, up to `longest` tokens (what the tree's depth and size allow), and emits them plus the
+    next token (the bonus). For sampling the first test is right in law: rejection sampling accepts one
+    of k distinct children with exactly the probability that the target's sample is among them. It is
+    an estimate all the same: a small tree may leave out a child that deeper guesses outrank, deeper
+    tokens are judged from guesses made with the target's features (which a round's deeper levels
+    lack) and along one path where a tree may hold a few. A round cut off by the stretch's end counts
+    its accepted tokens plus one (a lower bound) when it accepted any; else it is left out."""
     if len(guesses) != len(tokens):
         raise ValueError(f"hindsight_rounds needs one row of guesses per token, got {len(guesses)} for {len(tokens)}")
     if longest < 0:
