@@ -232,3 +232,26 @@ def test_the_draft_commits_every_position_once_with_the_targets_feature(engines)
     # float32 over a tiny model: the same positions computed as prefill, tree rows or one-row
     # steps differ only by summation order
     torch.testing.assert_close(features, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_extend_guessing_guesses_each_token_from_the_position_before_it(engines):
+    """The guesses for token j are what the draft proposes first with the tokens before j committed:
+    the same as committing the tokens one at a time and asking for the top k before each."""
+    _, spec = engines
+    drafter = spec.drafter
+    hidden = spec.model.text.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    prefix, prefix_features = torch.randint(3, 32000, (5,), generator=g), torch.randn(5, hidden, generator=g)
+    tokens, features = torch.randint(3, 32000, (7,), generator=g), torch.randn(7, hidden, generator=g)
+    with torch.inference_mode():
+        drafter.reset()
+        drafter.extend(prefix, None, None, prefix_features)
+        one_by_one = []
+        for j in range(tokens.shape[0]):
+            one_by_one.append(drafter.model.top_k(drafter.last_hidden[None], 3)[1][0])
+            drafter.extend(tokens[j:j + 1], None, None, features[j:j + 1])
+        drafter.reset()
+        drafter.extend(prefix, None, None, prefix_features)
+        guesses = drafter.extend_guessing(tokens, features, 3)
+        drafter.reset()
+    assert guesses.tolist() == torch.stack(one_by_one).tolist()
