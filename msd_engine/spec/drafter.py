@@ -3,7 +3,9 @@
 The draft sequence is the target sequence shifted by one: draft position i pairs the token at target
 position i+1 with the target's feature at position i. `extend` commits new draft positions from
 the TARGET's features (so the draft's KV for accepted tokens is always recomputed from them);
-`draft` grows an EAGLE-2 tree from the last committed position in scratch KV slots.
+`draft` grows an EAGLE-2 tree from the last committed position in scratch KV slots;
+`extend_guessing` commits a pause's tokens and returns what the draft would have guessed first for
+each (the pause's look-back, `spec.pause.hindsight_rounds`).
 """
 from __future__ import annotations
 
