@@ -31,8 +31,8 @@ eighth round, at 0.9 of the break-even, it ran 1.31x against 1.31x greedy and 0.
 temperature 1 (`/work`-only script, one run each; this machine's run-to-run noise is ~10%).
 
 Decisions depend only on tokens (accepted lengths, the draft's guesses), never on clocks, so a
-seeded request gives the same tokens on every run. Output is the target's either way: a plain step is one target forward
-and one sample (greedy: the argmax), exactly as plain decoding takes it.
+seeded request gives the same tokens on every run. Output is the target's either way: a plain step
+is one target forward and one sample (greedy: the argmax), exactly as plain decoding takes it.
 """
 from __future__ import annotations
 
@@ -88,34 +88,36 @@ class PauseState:
 
     def observe(self, emitted: int) -> None:
         """Record a round that emitted `emitted` tokens (the bonus counted); may start a pause."""
-        p = self.policy
-        if p is None:
+        if self.policy is None:
             return
         self.rounds += 1
-        self.mean = float(emitted) if self.mean is None else self.mean + p.smoothing * (emitted - self.mean)
-        if self.rounds < p.first_rounds:
-            return
-        if self.mean < p.pause_under * p.break_even:
-            self.steps_left = self.next_pause
-            self.next_pause = min(2 * self.next_pause, p.longest_pause)
-        else:
-            self.next_pause = p.first_pause
+        self._average(emitted)
+        if self.rounds >= self.policy.first_rounds:
+            self._pause_if_not_paying(steps_taken_now=0)
 
     def review(self, rounds: Sequence[int]) -> bool:
         """At a pause's end: fold the tokens per round that rounds would have emitted over the paused
         stretch (`hindsight_rounds`) into the average. True: speculate now. False: the next pause,
         twice as long, has started, and the step about to be taken is its first plain step."""
-        p = self.policy
-        assert p is not None, "review() follows a pause, and only a policy pauses"
+        assert self.policy is not None, "review() follows a pause, and only a policy pauses"
         for emitted in rounds:
-            self.mean = float(emitted) if self.mean is None else self.mean + p.smoothing * (emitted - self.mean)
-        if self.mean is not None and self.mean < p.pause_under * p.break_even:
-            self.steps_left = self.next_pause - 1
-            self.next_pause = min(2 * self.next_pause, p.longest_pause)
-            return False
-        self.next_pause = p.first_pause
-        return True
+            self._average(emitted)
+        return not self._pause_if_not_paying(steps_taken_now=1)
 
+    def _average(self, emitted: int) -> None:
+        p = self.policy
+        self.mean = float(emitted) if self.mean is None else self.mean + p.smoothing * (emitted - self.mean)
+
+    def _pause_if_not_paying(self, steps_taken_now: int) -> bool:
+        """Start the next pause (less the steps the caller takes now) if the average is under the
+        threshold, doubling the one after; else the next pause is short again. Returns whether it paused."""
+        p = self.policy
+        if self.mean is not None and self.mean < p.pause_under * p.break_even:
+            self.steps_left = self.next_pause - steps_taken_now
+            self.next_pause = min(2 * self.next_pause, p.longest_pause)
+            return True
+        self.next_pause = p.first_pause
+        return False
 
 def hindsight_rounds(tokens: Sequence[int], guesses: Sequence[Sequence[int]], longest: int) -> list[int]:
     """Tokens per round that speculative rounds would have emitted over `tokens` (what plain steps
@@ -131,14 +133,18 @@ def hindsight_rounds(tokens: Sequence[int], guesses: Sequence[Sequence[int]], lo
     lack) and along one path where a tree may hold a few. A round cut off by the stretch's end counts
     its accepted tokens plus one (a lower bound) when it accepted any; else it is left out."""
     if len(guesses) != len(tokens):
-        raise ValueError(f"hindsight_rounds needs one row of guesses per token, got {len(guesses)} for {len(tokens)}")
+        raise ValueError(f"hindsight_rounds needs one row of guesses per token, got {len(guesses)} "
+                         f"for {len(tokens)}")
     if longest < 0:
         raise ValueError(f"longest must be >= 0, got {longest}")
+
+    def accepted_at(j: int, first: bool) -> bool:  # a round's first token: any of the k; later: the best
+        return tokens[j] in guesses[j] if first else guesses[j][0] == tokens[j]
+
     rounds, i, n = [], 0, len(tokens)
     while i < n:
         accepted = 0
-        while accepted < longest and i + accepted < n and (
-                tokens[i] in guesses[i] if accepted == 0 else guesses[i + accepted][0] == tokens[i + accepted]):
+        while accepted < longest and i + accepted < n and accepted_at(i + accepted, accepted == 0):
             accepted += 1
         if i + accepted >= n:  # the bonus token lies past the stretch
             if accepted:
