@@ -111,7 +111,7 @@ def _run_measured_tune(args: argparse.Namespace) -> int:
     import torch
 
     from msd_engine.engine import Engine
-    from msd_engine.spec.tune import draft_key, save_tuned, scratch_tree, trees_for, tune_tree
+    from msd_engine.spec.tune import draft_key, save_tree_tuning, scratch_tree, trees_for, tune_tree
     from msd_engine.train.cli import read_prompts
 
     prompts = read_prompts(Path(args.prompts), None)
@@ -128,8 +128,7 @@ def _run_measured_tune(args: argparse.Namespace) -> int:
               + ("  <- best" if tree == best else ""))
     dtype = engine.model.text.embed_tokens.dtype
     key = draft_key(Path(args.draft), engine.drafter.model.fc_weight.dtype, dtype)
-    path = save_tuned(engine.device, engine.config, dtype, best, tuning.rates, draft=key,
-                      round_costs=tuning.round_costs, plain_tokens_per_s=tuning.plain_tokens_per_s)
+    path = save_tree_tuning(engine.device, engine.config, dtype, tuning, draft=key)
     print(f"tree top_k={best.top_k} depth={best.depth} total_tokens={best.total_tokens} for this device, model and "
           f"draft (cached in {path})")
     return 0

@@ -35,7 +35,7 @@ def ensure_tuned_tree(target: Path, draft: Path, device: str = "cpu", dtype: str
     """The cached tree for (device, target in `dtype`, draft in DRAFT_DTYPE), measured now if there is none."""
     from msd_engine.config import ModelConfig
     from msd_engine.engine import Engine, resolve_dtype
-    from msd_engine.spec.tune import draft_key, load_tuned, save_tuned, scratch_tree, trees_for, tune_tree
+    from msd_engine.spec.tune import draft_key, load_tuned, save_tree_tuning, scratch_tree, trees_for, tune_tree
     from msd_engine.weights import CONFIG_FILE
 
     dev = torch.device(device)
@@ -54,8 +54,7 @@ def ensure_tuned_tree(target: Path, draft: Path, device: str = "cpu", dtype: str
                          tree=scratch_tree(trees), draft_dtype=DRAFT_DTYPE)
     tuning = tune_tree(engine, tuning_prompts(), trees, TUNE_MAX_NEW_TOKENS)
     best = tuning.best
-    path = save_tuned(dev, engine.config, target_dtype, best, tuning.rates, draft=key,
-                      round_costs=tuning.round_costs, plain_tokens_per_s=tuning.plain_tokens_per_s)
+    path = save_tree_tuning(dev, engine.config, target_dtype, tuning, draft=key)
     if progress:
         cost = tuning.round_costs.get(best)
         print(f"tree top_k={best.top_k} depth={best.depth} total_tokens={best.total_tokens} "

@@ -236,13 +236,20 @@ def _read_table() -> dict:
     return table if isinstance(table, dict) else {}
 
 
+def _cached_entry(device: torch.device, key: str) -> Optional[dict]:
+    """The cache's entry for `key` on this device; None when absent or not a table (a damaged
+    cache is only a missed optimisation)."""
+    entries = _read_table().get(device_key(device))
+    entry = entries.get(key) if isinstance(entries, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
 def load_tuned(device: torch.device, config: ModelConfig, dtype: torch.dtype,
                draft: Optional[str] = None) -> Optional[TreeParams]:
     """The tuned tree for this device and model: the one measured with `draft` (a `draft_key`) if
     there is one, else the verify-timed size; None when nothing was tuned."""
-    entries = _read_table().get(device_key(device), {})
     for key in ([_entry_key(config, dtype, draft)] if draft else []) + [_entry_key(config, dtype, None)]:
-        entry = entries.get(key)
+        entry = _cached_entry(device, key)
         if entry:
             try:
                 tree = entry.get("tree") or {"total_tokens": entry["total_tokens"]}
@@ -260,9 +267,8 @@ def load_tuned_round_cost(device: torch.device, config: ModelConfig, dtype: torc
                           tree: TreeParams) -> Optional[float]:
     """The round cost in plain steps the tuner measured for `tree` with `draft` (a `draft_key`) on
     this device and model; None when it measured none."""
-    entries = _read_table().get(device_key(device))
-    entry = entries.get(_entry_key(config, dtype, draft)) if isinstance(entries, dict) else None
-    costs = entry.get("round_cost_plain_steps") if isinstance(entry, dict) else None
+    entry = _cached_entry(device, _entry_key(config, dtype, draft))
+    costs = entry.get("round_cost_plain_steps") if entry else None
     cost = costs.get(_tree_name(tree)) if isinstance(costs, dict) else None
     # a damaged entry is only a missed optimisation, as in load_tuned
     ok = isinstance(cost, (int, float)) and not isinstance(cost, bool) and 0 < cost < float("inf")
@@ -291,3 +297,10 @@ def save_tuned(device: torch.device, config: ModelConfig, dtype: torch.dtype, be
     tmp.write_text(json.dumps(table, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def save_tree_tuning(device: torch.device, config: ModelConfig, dtype: torch.dtype, tuning: TreeTuning,
+                     draft: Optional[str]) -> Path:
+    """Cache what `tune_tree` measured: its best tree, every tree's rate and round cost, plain decoding's rate."""
+    return save_tuned(device, config, dtype, tuning.best, tuning.rates, draft=draft, round_costs=tuning.round_costs,
+                      plain_tokens_per_s=tuning.plain_tokens_per_s)
