@@ -104,16 +104,25 @@ def test_measured_tree_tuning_is_cached_per_draft_and_used_by_load(tiny_llava_di
     draft = write_random_draft(Engine.load(tiny_llava_dir, dtype="float32"), tmp_path / "draft")
     trees = (TreeParams(2, 2, 4), TreeParams(3, 3, 8))
     engine = Engine.load(tiny_llava_dir, dtype="float32", max_seq_len=128, draft=draft, tree=tune.scratch_tree(trees))
-    engine.pause = PausePolicy(break_even=50.0)  # tuning measures rounds, never pauses
+    # A policy that would pause from the first round: tuning measures rounds, so it must not pause.
+    engine.pause = PausePolicy(break_even=50.0, first_rounds=1, first_pause=2)
+    plain_steps = []
+    real_generate = engine.generate
+    engine.generate = lambda *a, **k: (r := real_generate(*a, **k), plain_steps.append(r.stats.get("plain_steps")))[0]
     tuning = tune.tune_tree(engine, [("hello there", None)], trees, max_new_tokens=6)
+    del engine.generate
+    assert plain_steps and set(plain_steps) <= {0, None}  # None: the plain decoding runs
     rates = tuning.rates
     assert set(rates) == set(trees) and tuning.best == tune.pick_tree(rates) and all(r > 0 for r in rates.values())
     assert tuning.plain_tokens_per_s > 0 and set(tuning.round_costs) == set(trees)
     assert all(c > 0 for c in tuning.round_costs.values())
     assert engine.tree == tune.scratch_tree(trees)  # tuning leaves the engine's own tree alone
-    assert engine.pause == PausePolicy(break_even=50.0)  # and its pause policy
+    assert engine.pause == PausePolicy(break_even=50.0, first_rounds=1, first_pause=2)  # and its pause policy
     dtype = engine.model.text.embed_tokens.dtype
     key = tune.draft_key(draft)
+    tune.save_tree_tuning(engine.device, engine.config, dtype, tuning, draft=key)
+    for tree, cost in tuning.round_costs.items():
+        assert tune.load_tuned_round_cost(engine.device, engine.config, dtype, key, tree) == pytest.approx(cost)
     tune.save_tuned(engine.device, engine.config, dtype, TreeParams(3, 3, 8), rates, draft=key,
                     round_costs={TreeParams(3, 3, 8): 1.75, TreeParams(2, 2, 4): 0.5},
                     plain_tokens_per_s=tuning.plain_tokens_per_s)
