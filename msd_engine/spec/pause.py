@@ -23,12 +23,13 @@ speculating every step (`/work`-only script).
 
 Why a margin and a slow average: a pause has costs of its own (the draft commits the paused steps'
 tokens in one extend, and looks back with an lm_head over them), and acceptance swings from round to
-round. With trial rounds (bfloat16 target, tree (3,1,4), 10 held-out prompts, break-even taken as
-1.68 plain steps; the same script measured a round at 1.62-1.69), pausing at the break-even itself,
-with the newest round weighted 0.25 and pauses allowed from the third round, took 30% of the greedy
-tokens by plain steps and ran 1.12x plain against 1.23x without pausing; weighting 0.1, from the
-eighth round, at 0.9 of the break-even, it ran 1.31x against 1.31x greedy and 0.96x against 0.86x at
-temperature 1 (`/work`-only script, one run each; this machine's run-to-run noise is ~10%).
+round. With trial rounds (session 16: bfloat16 target, tree (3,1,4), 10 held-out prompts,
+break-even taken as 1.68 plain steps; the same script measured a round at 1.62-1.69), pausing at
+the break-even itself, with the newest round weighted 0.25 and pauses allowed from the third round,
+took 30% of the greedy tokens by plain steps and ran 1.12x plain against 1.23x without pausing;
+weighting 0.1, from the eighth round, at 0.9 of the break-even, it ran 1.31x against 1.31x greedy
+and 0.96x against 0.86x at temperature 1 (`/work`-only script, one run each; this machine's
+run-to-run noise is ~10%).
 
 Decisions depend only on tokens (accepted lengths, the draft's guesses), never on clocks, so a
 seeded request gives the same tokens on every run. Output is the target's either way: a plain step
